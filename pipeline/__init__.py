@@ -1,0 +1,1 @@
+"""stagepipe: run Qwen models as split static-shape ONNX stages that talk through files."""
