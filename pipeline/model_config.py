@@ -4,35 +4,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pydantic import BaseModel
-
 from pipeline.errors import StagepipeError
+from schemas.manifest import ModelConfig
 
 SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM")
-
-
-class ModelConfig(BaseModel):
-    architecture: str
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    vocab_size: int
-    rms_norm_eps: float
-    rope_theta: float
-    tie_word_embeddings: bool
-    qkv_bias: bool  # bias on q/k/v projections (Qwen2 always; Qwen3 when attention_bias)
-    o_bias: bool  # bias on o_proj (Qwen3 with attention_bias only)
-    qk_norm: bool  # per-head RMSNorm on q and k before RoPE (Qwen3)
-    weights_dtype: str  # what the checkpoint says it stores: bfloat16 / float16 / float32
-    bos_token_id: int | None = None
-    eos_token_ids: list[int] = []
-
-    @property
-    def group_size(self) -> int:
-        return self.num_attention_heads // self.num_key_value_heads
 
 
 def _rope_theta(cfg: dict, where: str) -> float:

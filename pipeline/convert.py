@@ -1,0 +1,259 @@
+"""Convert a Qwen2/Qwen3 HuggingFace checkpoint into split static-shape ONNX graphs, without torch.
+
+    python -m pipeline.convert --model_path CKPT --onnx_dir OUT [--blocks 4 | --layer_split 7,7,7,7]
+        [--max_input_len 16] [--max_cache_len 1024] [--precision fp32|fp16] [--kv_dtype float16|float32]
+
+Writes OUT/manifest.json, the checkpoint's config and tokenizer files, and prefill/ + decode/ graphs.
+The whole folder is built beside OUT and renamed into place at the end, so OUT is never half-written.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import os
+import shutil
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import onnx
+
+from pipeline import __version__
+from pipeline.atomic import write_text
+from pipeline.errors import StagepipeError, cli_entry
+from pipeline.graphs import GraphShape, Precision, build_block, build_embed, build_output
+from pipeline.model_config import load_model_config, split_layers
+from pipeline.onnx_builder import OPSET, WeightStore
+from pipeline.safetensors_io import CheckpointWeights, bf16_bits_to_f32
+from schemas.manifest import BlockSpec, GraphSpec, Manifest, ModelConfig, SourceFile, TensorSpec
+
+MASK_VALUE = -10000.0  # finite: fits float16 and keeps a fully masked softmax row finite
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
+                   "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
+CHUNK_BYTES = 32 << 20  # convert big tables this many bytes at a time, so memory stays flat
+
+
+def expected_tensors(c: ModelConfig) -> dict[str, tuple[int, ...]]:
+    """Every checkpoint tensor the graphs read, with the shape it must have."""
+    H, D, I = c.hidden_size, c.head_dim, c.intermediate_size
+    q_out, kv_out = c.num_attention_heads * D, c.num_key_value_heads * D
+    shapes = {"model.embed_tokens.weight": (c.vocab_size, H), "model.norm.weight": (H,)}
+    if not c.tie_word_embeddings:
+        shapes["lm_head.weight"] = (c.vocab_size, H)
+    for i in range(c.num_layers):
+        p = f"model.layers.{i}"
+        shapes.update({f"{p}.input_layernorm.weight": (H,), f"{p}.post_attention_layernorm.weight": (H,),
+                       f"{p}.self_attn.q_proj.weight": (q_out, H), f"{p}.self_attn.k_proj.weight": (kv_out, H),
+                       f"{p}.self_attn.v_proj.weight": (kv_out, H), f"{p}.self_attn.o_proj.weight": (H, q_out),
+                       f"{p}.mlp.gate_proj.weight": (I, H), f"{p}.mlp.up_proj.weight": (I, H),
+                       f"{p}.mlp.down_proj.weight": (H, I)})
+        if c.qkv_bias:
+            shapes.update({f"{p}.self_attn.q_proj.bias": (q_out,), f"{p}.self_attn.k_proj.bias": (kv_out,),
+                           f"{p}.self_attn.v_proj.bias": (kv_out,)})
+        if c.o_bias:
+            shapes[f"{p}.self_attn.o_proj.bias"] = (H,)
+        if c.qk_norm:
+            shapes.update({f"{p}.self_attn.q_norm.weight": (D,), f"{p}.self_attn.k_norm.weight": (D,)})
+    return shapes
+
+
+def check_checkpoint(config: ModelConfig, weights: CheckpointWeights):
+    for name, shape in expected_tensors(config).items():
+        if not weights.has(name):
+            raise StagepipeError(f"{weights.model_dir}: tensor '{name}' is missing from the checkpoint; "
+                                 "is it a complete Qwen2/Qwen3 causal-LM checkpoint?")
+        if weights.shape(name) != shape:
+            raise StagepipeError(f"{weights.model_dir}: tensor '{name}' has shape {list(weights.shape(name))}, "
+                                 f"config.json implies {list(shape)}; config and weights do not match")
+        if weights.dtype(name) not in ("BF16", "F16", "F32"):
+            raise StagepipeError(f"{weights.model_dir}: tensor '{name}' is {weights.dtype(name)}; "
+                                 "only bfloat16, float16 and float32 checkpoints are supported")
+
+
+def source_files(model_dir: Path, weights: CheckpointWeights) -> list[Path]:
+    extra = [model_dir / n for n in ("config.json", "generation_config.json", "model.safetensors.index.json")]
+    return [p for p in extra if p.exists()] + list(weights.files)
+
+
+def source_fingerprint(files: list[Path]) -> str:
+    h = hashlib.sha256()
+    for path in files:
+        h.update(path.name.encode())
+        with open(path, "rb") as f:
+            while block := f.read(16 << 20):
+                h.update(block)
+    return h.hexdigest()
+
+
+def source_stat(files: list[Path]) -> dict[str, SourceFile]:
+    return {p.name: SourceFile(size=p.stat().st_size, mtime_ns=p.stat().st_mtime_ns) for p in files}
+
+
+def _weight_lookup(weights: CheckpointWeights, store: WeightStore):
+    """(name, dtype) -> external TensorProto, converting the checkpoint tensor row-chunk by row-chunk."""
+
+    def lookup(name: str, dtype: np.dtype):
+        shape = weights.shape(name)
+
+        def chunks():
+            raw = weights.raw(name)
+            is_bf16 = weights.dtype(name) == "BF16"
+            rows = max(1, CHUNK_BYTES // max(1, raw[0].nbytes * 2)) if raw.ndim > 1 else len(raw)
+            for start in range(0, len(raw), rows):
+                part = raw[start:start + rows]
+                yield (bf16_bits_to_f32(part) if is_bf16 else np.asarray(part)).astype(dtype, copy=False)
+
+        return store.add(name, shape, dtype, chunks)
+
+    return lookup
+
+
+def _tensor_specs(values) -> list[TensorSpec]:
+    out = []
+    for v in values:
+        t = v.type.tensor_type
+        out.append(TensorSpec(name=v.name, shape=[d.dim_value for d in t.shape.dim],
+                              dtype=onnx.helper.tensor_dtype_to_np_dtype(t.elem_type).name))
+    return out
+
+
+def _graph_spec(model: onnx.ModelProto, rel_file: str) -> GraphSpec:
+    mode_dir = rel_file.split("/")[0]
+    files = sorted({e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"})
+    return GraphSpec(file=rel_file, weights_files=[f"{mode_dir}/{f}" for f in files],
+                     inputs=_tensor_specs(model.graph.input), outputs=_tensor_specs(model.graph.output))
+
+
+def _link_or_copy(src: Path, dst: Path):
+    """Prefill and decode graphs share one weights file: a hard link (onnxruntime refuses '../' paths)."""
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def convert(model_path, onnx_dir, blocks: int | None = None, layer_split: list[int] | None = None,
+            max_input_len: int = 16, max_cache_len: int = 1024, precision: str = "fp32",
+            kv_dtype: str = "float16", log=print) -> Manifest:
+    model_path, onnx_dir = Path(model_path), Path(onnx_dir)
+    if max_input_len < 1 or max_cache_len < max_input_len:
+        raise StagepipeError(f"--max_input_len {max_input_len} and --max_cache_len {max_cache_len}: need "
+                             "1 <= max_input_len <= max_cache_len")
+    if precision not in ("fp32", "fp16"):
+        raise StagepipeError(f"--precision {precision}: choose fp32 or fp16")
+    if kv_dtype not in ("float16", "float32"):
+        raise StagepipeError(f"--kv_dtype {kv_dtype}: choose float16 or float32")
+    config = load_model_config(model_path)
+    ranges = split_layers(config.num_layers, blocks, layer_split)
+    weights = CheckpointWeights(model_path)
+    check_checkpoint(config, weights)
+    if onnx_dir.exists() and any(onnx_dir.iterdir()) and not (onnx_dir / "manifest.json").exists():
+        raise StagepipeError(f"--onnx_dir {onnx_dir} exists and is not a stagepipe onnx_dir; "
+                             "choose an empty or new folder")
+
+    started = time.perf_counter()
+    onnx_dir.parent.mkdir(parents=True, exist_ok=True)
+    tmp = onnx_dir.parent / f".{onnx_dir.name}.converting-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    try:
+        manifest = _write_onnx_dir(config, ranges, weights, model_path, tmp, max_input_len, max_cache_len,
+                                   precision, kv_dtype, log)
+        _replace_dir(tmp, onnx_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    log(f"converted {model_path} -> {onnx_dir} in {time.perf_counter() - started:.1f}s")
+    return manifest
+
+
+def _write_onnx_dir(config, ranges, weights, model_path, out, max_input_len, max_cache_len, precision, kv_dtype,
+                    log) -> Manifest:
+    for mode in ("prefill", "decode"):
+        (out / mode).mkdir(parents=True)
+    prec = Precision(compute=np.dtype(np.float16 if precision == "fp16" else np.float32), kv=np.dtype(kv_dtype))
+    shapes = {"prefill": GraphShape(T=max_input_len, C=max_cache_len), "decode": GraphShape(T=1, C=max_cache_len)}
+    store = WeightStore(out / "prefill")
+    lookup = _weight_lookup(weights, store)
+    builders = {"embed": lambda shape: build_embed(config, prec, shape, lookup)}
+    for b, (start, end) in enumerate(ranges):
+        builders[f"block{b}"] = lambda shape, r=range(start, end): build_block(config, prec, shape, r, lookup)
+    builders["output"] = lambda shape: build_output(config, prec, shape, lookup)
+
+    graphs: dict[str, dict[str, GraphSpec]] = {"prefill": {}, "decode": {}}
+    graph_hash = hashlib.sha256()
+    total = 2 * len(builders)
+    done = 0
+    for stage, build in builders.items():
+        store.open(f"{stage}.data")
+        for mode in ("prefill", "decode"):
+            t0 = time.perf_counter()
+            model = build(shapes[mode])
+            rel = f"{mode}/{stage}.onnx"
+            data = model.SerializeToString()
+            (out / rel).write_bytes(data)
+            graph_hash.update(data)
+            graphs[mode][stage] = _graph_spec(model, rel)
+            done += 1
+            log(f"[{done}/{total}] {rel} ({time.perf_counter() - t0:.1f}s)")
+        store.close()
+        _link_or_copy(out / "prefill" / f"{stage}.data", out / "decode" / f"{stage}.data")
+    graph_hash.update(store.hasher.digest())
+
+    copied = []
+    for name in ("config.json", "generation_config.json") + TOKENIZER_FILES:
+        if (model_path / name).exists():
+            shutil.copyfile(model_path / name, out / name)
+            copied.append(name)
+    files = source_files(model_path, weights)
+    manifest = Manifest(
+        stagepipe_version=__version__, model=config, precision=precision, kv_dtype=kv_dtype,
+        max_input_len=max_input_len, max_cache_len=max_cache_len, mask_value=MASK_VALUE, opset=OPSET,
+        blocks=[BlockSpec(index=i, layer_start=s, layer_end=e) for i, (s, e) in enumerate(ranges)],
+        graphs=graphs, source_path=str(model_path.resolve()), source_files=source_stat(files),
+        source_fingerprint=source_fingerprint(files), graphs_fingerprint=graph_hash.hexdigest(),
+        tokenizer_files=[n for n in copied if n in TOKENIZER_FILES])
+    write_text(out / "manifest.json", manifest.model_dump_json(indent=2) + "\n")
+    return manifest
+
+
+def _replace_dir(new: Path, target: Path):
+    old = None
+    if target.exists():
+        old = target.parent / f".{target.name}.old-{os.getpid()}"
+        os.replace(target, old)
+    os.replace(new, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def _int_list(text: str) -> list[int]:
+    try:
+        return [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected comma-separated integers like 7,7,7,7, got {text!r}") from None
+
+
+def add_convert_args(p: argparse.ArgumentParser):
+    p.add_argument("--model_path", required=True, help="HuggingFace checkpoint folder (config.json, *.safetensors)")
+    p.add_argument("--onnx_dir", required=True, help="output folder for manifest.json and the graphs")
+    split = p.add_mutually_exclusive_group()
+    split.add_argument("--blocks", type=int, default=None, help="number of decoder blocks (default 4)")
+    split.add_argument("--layer_split", type=_int_list, default=None, help="layers per block, e.g. 7,7,7,7")
+    p.add_argument("--max_input_len", type=int, default=16, help="tokens per prefill step (T)")
+    p.add_argument("--max_cache_len", type=int, default=1024, help="KV cache slots (C)")
+    p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
+    p.add_argument("--kv_dtype", choices=["float16", "float32"], default="float16", help="KV cache dtype")
+
+
+@cli_entry
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m pipeline.convert", description=__doc__.split("\n")[0])
+    add_convert_args(p)
+    a = p.parse_args(argv)
+    convert(a.model_path, a.onnx_dir, a.blocks, a.layer_split, a.max_input_len, a.max_cache_len, a.precision,
+            a.kv_dtype)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,197 @@
+"""The three stage graphs (embed, block, output) with static shapes, built op by op.
+
+Contracts (batch 1, T = tokens per step, C = cache slots, H hidden, D head_dim, KV kv heads, V vocab):
+  embed : input_ids int64 (1,T)                                     -> hidden_states (1,T,H)
+  blockK: hidden_states (1,T,H), attention_mask f32 (1,1,T,C+T),
+          position_ids int64 (1,T), past_key/past_value (Lk,1,KV,C,D) -> hidden_states_out (1,T,H),
+                                                                       present_key/present_value (Lk,1,KV,T,D)
+  output: hidden_states (1,T,H)                                     -> logits f32 (1,T,V)
+Inside a block the residual stream, norms, RoPE and attention run in float32; in fp16 graphs only the
+matrix multiplies (and the hidden states passed between stages) are float16.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+from pipeline.model_config import ModelConfig
+from pipeline.onnx_builder import NP_TO_ONNX, GraphBuilder
+
+F32 = np.float32
+
+
+@dataclass(frozen=True)
+class GraphShape:
+    T: int  # tokens per step
+    C: int  # KV cache slots
+
+
+@dataclass(frozen=True)
+class Precision:
+    compute: np.dtype  # dtype of matmul weights and of hidden states between stages
+    kv: np.dtype  # dtype of past/present key and value tensors
+
+    @property
+    def is_fp16(self) -> bool:
+        return self.compute == np.float16
+
+
+class StageGraph:
+    """Shared helpers for one graph: weight lookup, dtype casts, linear layers and RMSNorm."""
+
+    def __init__(self, name: str, config: ModelConfig, precision: Precision, weight_lookup):
+        self.g = GraphBuilder(name)
+        self.c = config
+        self.p = precision
+        self._weight_lookup = weight_lookup  # (checkpoint name, dtype) -> external TensorProto
+
+    def w(self, name: str, dtype=None) -> str:
+        return self.g.weight(self._weight_lookup(name, np.dtype(dtype or self.p.compute)))
+
+    def cast(self, x: str, dtype) -> str:
+        return self.g.op("Cast", x, to=NP_TO_ONNX[np.dtype(dtype)])
+
+    def from_f32(self, x: str, dtype) -> str:
+        """Cast a float32 value to `dtype`, or leave it when that is float32 already."""
+        return x if np.dtype(dtype) == F32 else self.cast(x, dtype)
+
+    def linear(self, x: str, prefix: str, bias: bool) -> str:
+        """x float32 (N, in) -> float32 (N, out); the Gemm runs in the compute dtype, weight stored (out, in)."""
+        g = self.g
+        x_in = self.cast(x, self.p.compute) if self.p.is_fp16 else x
+        args = [x_in, self.w(prefix + ".weight")]
+        if bias:
+            args.append(self.w(prefix + ".bias"))
+        y = g.op("Gemm", *args, transB=1)
+        return self.cast(y, F32) if self.p.is_fp16 else y
+
+    def rms_norm(self, x: str, weight_name: str) -> str:
+        g = self.g
+        mean_sq = g.op("ReduceMean", g.op("Mul", x, x), axes=[-1], keepdims=1)
+        denom = g.op("Sqrt", g.op("Add", mean_sq, g.const(self.c.rms_norm_eps, F32)))
+        return g.op("Mul", g.op("Div", x, denom), self.w(weight_name, F32))
+
+
+def build_embed(config: ModelConfig, precision: Precision, shape: GraphShape, weight_lookup):
+    s = StageGraph("embed", config, precision, weight_lookup)
+    g = s.g
+    ids = g.input("input_ids", np.int64, (1, shape.T))
+    hidden = g.op("Gather", s.w("model.embed_tokens.weight"), ids, axis=0)
+    g.output(hidden, "hidden_states", precision.compute, (1, shape.T, config.hidden_size))
+    return g.to_model()
+
+
+def build_output(config: ModelConfig, precision: Precision, shape: GraphShape, weight_lookup):
+    s = StageGraph("output", config, precision, weight_lookup)
+    g, c, T = s.g, config, shape.T
+    hidden = g.input("hidden_states", precision.compute, (1, T, c.hidden_size))
+    x = g.op("Reshape", hidden, g.const([T, c.hidden_size]))
+    if precision.is_fp16:
+        x = s.cast(x, F32)
+    x = s.rms_norm(x, "model.norm.weight")
+    head = "model.embed_tokens.weight" if c.tie_word_embeddings else "lm_head.weight"
+    logits = s.linear(x, head.removesuffix(".weight"), bias=False)
+    g.output(g.op("Reshape", logits, g.const([1, T, c.vocab_size])), "logits", F32, (1, T, c.vocab_size))
+    return g.to_model()
+
+
+def build_block(config: ModelConfig, precision: Precision, shape: GraphShape, layers: range, weight_lookup):
+    s = StageGraph(f"block_{layers.start}_{layers.stop}", config, precision, weight_lookup)
+    g, c = s.g, config
+    T, C, H, D, KV, G = shape.T, shape.C, c.hidden_size, c.head_dim, c.num_key_value_heads, c.group_size
+    Lk = len(layers)
+    hidden = g.input("hidden_states", precision.compute, (1, T, H))
+    mask = g.input("attention_mask", F32, (1, 1, T, C + T))
+    positions = g.input("position_ids", np.int64, (1, T))
+    past_key = g.input("past_key", precision.kv, (Lk, 1, KV, C, D))
+    past_value = g.input("past_value", precision.kv, (Lk, 1, KV, C, D))
+
+    x = g.op("Reshape", hidden, g.const([T, H]))
+    if precision.is_fp16:
+        x = s.cast(x, F32)
+    cos, sin_signed = _rope_tables(s, positions, T, D)
+
+    present_keys, present_values = [], []
+    for i, layer in enumerate(layers):
+        past_k = _cache_layer(s, past_key, i, KV, C, D)
+        past_v = _cache_layer(s, past_value, i, KV, C, D)
+        x, k, v = _decoder_layer(s, f"model.layers.{layer}", x, mask, cos, sin_signed, past_k, past_v, T, C)
+        present_keys.append(g.op("Reshape", s.from_f32(k, precision.kv), g.const([1, 1, KV, T, D])))
+        present_values.append(g.op("Reshape", s.from_f32(v, precision.kv), g.const([1, 1, KV, T, D])))
+
+    out = g.op("Reshape", x, g.const([1, T, H]))
+    if precision.is_fp16:
+        out = s.cast(out, precision.compute)
+    g.output(out, "hidden_states_out", precision.compute, (1, T, H))
+    for name, parts in (("present_key", present_keys), ("present_value", present_values)):
+        merged = parts[0] if Lk == 1 else g.op("Concat", *parts, axis=0)
+        g.output(merged, name, precision.kv, (Lk, 1, KV, T, D))
+    return g.to_model()
+
+
+def _rope_tables(s: StageGraph, positions: str, T: int, D: int):
+    """cos (T,D) and sign-folded sin (T,D) so that rope(x) = x*cos + swap_halves(x)*sin_signed."""
+    g, c = s.g, s.c
+    inv_freq = (1.0 / c.rope_theta ** (np.arange(0, D, 2, dtype=np.int64).astype(F32) / D)).astype(F32)
+    pos = g.op("Reshape", s.cast(positions, F32), g.const([T, 1]))
+    angles = g.op("Mul", pos, g.const(inv_freq.reshape(1, D // 2), F32))  # (T, D/2)
+    cos_half, sin_half = g.op("Cos", angles), g.op("Sin", angles)
+    cos = g.op("Concat", cos_half, cos_half, axis=-1)
+    sin_signed = g.op("Concat", g.op("Neg", sin_half), sin_half, axis=-1)
+    return cos, sin_signed
+
+
+def _rope(s: StageGraph, x: str, cos: str, sin_signed: str, D: int) -> str:
+    g = s.g
+    first, second = g.op("Split", x, g.const([D // 2, D // 2]), axis=-1, n_out=2)
+    swapped = g.op("Concat", second, first, axis=-1)
+    return g.op("Add", g.op("Mul", x, cos), g.op("Mul", swapped, sin_signed))
+
+
+def _cache_layer(s: StageGraph, past: str, i: int, KV: int, C: int, D: int) -> str:
+    """Layer i of a (Lk,1,KV,C,D) cache input as float32 (KV,C,D)."""
+    g = s.g
+    layer = g.op("Gather", past, g.const(i), axis=0)
+    layer = g.op("Reshape", layer, g.const([KV, C, D]))
+    return s.cast(layer, F32) if s.p.kv != np.float32 else layer
+
+
+def _heads(s: StageGraph, x: str, T: int, n_heads: int, D: int) -> str:
+    """(T, n*D) -> (n, T, D)."""
+    g = s.g
+    return g.op("Transpose", g.op("Reshape", x, g.const([T, n_heads, D])), perm=[1, 0, 2])
+
+
+def _decoder_layer(s: StageGraph, p: str, x, mask, cos, sin_signed, past_k, past_v, T: int, C: int):
+    g, c = s.g, s.c
+    D, KV, G, Hq = c.head_dim, c.num_key_value_heads, c.group_size, c.num_attention_heads
+
+    h = s.rms_norm(x, p + ".input_layernorm.weight")
+    q = _heads(s, s.linear(h, p + ".self_attn.q_proj", c.qkv_bias), T, Hq, D)  # (Hq, T, D)
+    k = _heads(s, s.linear(h, p + ".self_attn.k_proj", c.qkv_bias), T, KV, D)  # (KV, T, D)
+    v = _heads(s, s.linear(h, p + ".self_attn.v_proj", c.qkv_bias), T, KV, D)
+    if c.qk_norm:
+        q = s.rms_norm(q, p + ".self_attn.q_norm.weight")
+        k = s.rms_norm(k, p + ".self_attn.k_norm.weight")
+    q, k = _rope(s, q, cos, sin_signed, D), _rope(s, k, cos, sin_signed, D)
+
+    # Grouped-query attention without repeating K/V: query head h uses kv head h // G, so the Hq query heads
+    # regroup as (KV, G*T) rows against each kv head's C+T keys.
+    keys = g.op("Concat", past_k, k, axis=1)  # (KV, C+T, D)
+    values = g.op("Concat", past_v, v, axis=1)
+    q_grouped = g.op("Reshape", q, g.const([KV, G * T, D]))
+    scores = g.op("MatMul", q_grouped, g.op("Transpose", keys, perm=[0, 2, 1]))
+    scores = g.op("Mul", scores, g.const(1.0 / np.sqrt(D), F32))
+    scores = g.op("Add", g.op("Reshape", scores, g.const([KV, G, T, C + T])), mask)
+    probs = g.op("Reshape", g.op("Softmax", scores, axis=-1), g.const([KV, G * T, C + T]))
+    attn = g.op("Reshape", g.op("MatMul", probs, values), g.const([Hq, T, D]))
+    attn = g.op("Reshape", g.op("Transpose", attn, perm=[1, 0, 2]), g.const([T, Hq * D]))
+    x = g.op("Add", x, s.linear(attn, p + ".self_attn.o_proj", c.o_bias))
+
+    h = s.rms_norm(x, p + ".post_attention_layernorm.weight")
+    gate = s.linear(h, p + ".mlp.gate_proj", False)
+    up = s.linear(h, p + ".mlp.up_proj", False)
+    act = g.op("Mul", g.op("Mul", gate, g.op("Sigmoid", gate)), up)
+    x = g.op("Add", x, s.linear(act, p + ".mlp.down_proj", False))
+    return x, k, v

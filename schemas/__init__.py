@@ -1,0 +1,1 @@
+"""Pydantic models for every JSON file stagepipe writes; JSON Schema exports live beside them."""

@@ -1,0 +1,86 @@
+"""manifest.json: everything a stage needs to know about a converted onnx_dir."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict
+
+MANIFEST_SCHEMA_VERSION = 1
+
+
+class ModelConfig(BaseModel):
+    """The model dimensions the graphs were built for (parsed from the checkpoint's config.json)."""
+
+    architecture: str
+    hidden_size: int
+    intermediate_size: int
+    num_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    head_dim: int
+    vocab_size: int
+    rms_norm_eps: float
+    rope_theta: float
+    tie_word_embeddings: bool
+    qkv_bias: bool  # bias on q/k/v projections (Qwen2 always; Qwen3 when attention_bias)
+    o_bias: bool  # bias on o_proj (Qwen3 with attention_bias only)
+    qk_norm: bool  # per-head RMSNorm on q and k before RoPE (Qwen3)
+    weights_dtype: str  # what the checkpoint says it stores: bfloat16 / float16 / float32
+    bos_token_id: int | None = None
+    eos_token_ids: list[int] = []
+
+    @property
+    def group_size(self) -> int:
+        return self.num_attention_heads // self.num_key_value_heads
+
+
+class TensorSpec(BaseModel):
+    name: str
+    shape: list[int]
+    dtype: str
+
+
+class GraphSpec(BaseModel):
+    file: str  # relative to the onnx_dir, e.g. "decode/block0.onnx"
+    weights_files: list[str]  # external data files the graph reads, relative to the onnx_dir
+    inputs: list[TensorSpec]
+    outputs: list[TensorSpec]
+
+
+class BlockSpec(BaseModel):
+    index: int
+    layer_start: int  # first layer (inclusive)
+    layer_end: int  # last layer (exclusive)
+
+    @property
+    def num_layers(self) -> int:
+        return self.layer_end - self.layer_start
+
+
+class SourceFile(BaseModel):
+    size: int
+    mtime_ns: int
+
+
+class Manifest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    schema_version: int = MANIFEST_SCHEMA_VERSION
+    stagepipe_version: str
+    model: ModelConfig
+    precision: Literal["fp32", "fp16"]
+    kv_dtype: Literal["float16", "float32"]
+    max_input_len: int  # T of the prefill graphs
+    max_cache_len: int  # C: KV cache slots
+    mask_value: float  # what attention_mask holds where a position is masked
+    opset: int
+    blocks: list[BlockSpec]
+    graphs: dict[Literal["prefill", "decode"], dict[str, GraphSpec]]  # mode -> stage ("embed", "block0", "output")
+    source_path: str  # where the checkpoint was read from (informational)
+    source_files: dict[str, SourceFile]  # size/mtime of each source file: a cheap staleness check
+    source_fingerprint: str  # sha256 over config.json and the weight files' content
+    graphs_fingerprint: str  # sha256 over every graph and weight byte written
+    tokenizer_files: list[str]
+
+    def stage_names(self) -> list[str]:
+        return ["embed"] + [f"block{b.index}" for b in self.blocks] + ["output"]
