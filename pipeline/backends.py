@@ -1,0 +1,122 @@
+"""Backends map stage inputs to stage outputs. A step picks the prefill or decode graphs by its T.
+
+To plug in another runtime (an NPU's), subclass Backend and implement the three methods; everything else
+(files, cache, sampling, run_auto) stays the same.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import StagepipeError
+from pipeline.manifest_io import load_manifest
+from schemas.manifest import Manifest
+
+
+class Backend:
+    name = "base"
+
+    def __init__(self, onnx_dir: Path, manifest: Manifest | None = None):
+        self.onnx_dir = Path(onnx_dir)
+        self.manifest = manifest or load_manifest(self.onnx_dir)
+
+    def embed(self, input_ids: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def block(self, k: int, hidden, attention_mask, position_ids, past_key, past_value):
+        """-> (hidden_states_out, present_key, present_value)"""
+        raise NotImplementedError
+
+    def output(self, hidden: np.ndarray) -> np.ndarray:
+        raise NotImplementedError
+
+    def mode_for(self, T: int) -> str:
+        m = self.manifest
+        if T == m.max_input_len:
+            return "prefill"
+        if T == 1:
+            return "decode"
+        raise StagepipeError(f"a step has T={T} tokens; the graphs take {m.max_input_len} (prefill) or 1 (decode)")
+
+
+class OnnxBackend(Backend):
+    """onnxruntime; one session per graph, created on first use and kept for the backend's lifetime."""
+
+    name = "onnx"
+
+    def __init__(self, onnx_dir: Path, manifest: Manifest | None = None, providers=None, threads: int = 0):
+        super().__init__(onnx_dir, manifest)
+        self.providers = providers or ["CPUExecutionProvider"]
+        self.threads = threads
+        self._sessions = {}
+
+    def session(self, mode: str, stage: str):
+        key = (mode, stage)
+        if key not in self._sessions:
+            import onnxruntime as ort
+
+            opts = ort.SessionOptions()
+            opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+            if self.threads:
+                opts.intra_op_num_threads = self.threads
+            path = self.onnx_dir / self.manifest.graphs[mode][stage].file
+            try:
+                self._sessions[key] = ort.InferenceSession(str(path), opts, providers=self.providers)
+            except Exception as e:  # onnxruntime raises its own types; name the graph and stop
+                raise StagepipeError(f"{path}: onnxruntime cannot load it ({str(e).splitlines()[0]}); "
+                                     "reconvert the model") from None
+        return self._sessions[key]
+
+    def _run(self, stage: str, T: int, feeds: dict):
+        return self.session(self.mode_for(T), stage).run(None, feeds)
+
+    def embed(self, input_ids):
+        return self._run("embed", input_ids.shape[1], {"input_ids": input_ids})[0]
+
+    def block(self, k, hidden, attention_mask, position_ids, past_key, past_value):
+        feeds = {"hidden_states": hidden, "attention_mask": attention_mask, "position_ids": position_ids,
+                 "past_key": past_key, "past_value": past_value}
+        return tuple(self._run(f"block{k}", hidden.shape[1], feeds))
+
+    def output(self, hidden):
+        return self._run("output", hidden.shape[1], {"hidden_states": hidden})[0]
+
+
+class ReferenceBackend(Backend):
+    """The numpy reference, reading the checkpoint the onnx_dir was converted from."""
+
+    name = "reference"
+
+    def __init__(self, onnx_dir: Path, manifest: Manifest | None = None, model_path: Path | None = None):
+        super().__init__(onnx_dir, manifest)
+        from pipeline.reference import ReferenceModel
+
+        path = Path(model_path or self.manifest.source_path)
+        if not (path / "config.json").exists():
+            raise StagepipeError(f"reference backend: checkpoint {path} (from manifest.json source_path) is gone; "
+                                 "pass --model_path")
+        self.model = ReferenceModel(path)
+        self.compute_dtype = np.float16 if self.manifest.precision == "fp16" else np.float32
+
+    def embed(self, input_ids):
+        self.mode_for(input_ids.shape[1])
+        return self.model.embed(input_ids).astype(self.compute_dtype)
+
+    def block(self, k, hidden, attention_mask, position_ids, past_key, past_value):
+        self.mode_for(hidden.shape[1])
+        b = self.manifest.blocks[k]
+        return self.model.block(range(b.layer_start, b.layer_end), hidden, attention_mask, position_ids,
+                                past_key, past_value)
+
+    def output(self, hidden):
+        return self.model.output(hidden)
+
+
+BACKENDS = {"onnx": OnnxBackend, "reference": ReferenceBackend}
+
+
+def make_backend(name: str, onnx_dir: Path, manifest: Manifest | None = None, **kwargs) -> Backend:
+    if name not in BACKENDS:
+        raise StagepipeError(f"--backend {name}: choose one of {', '.join(BACKENDS)}")
+    return BACKENDS[name](onnx_dir, manifest, **kwargs)

@@ -1,0 +1,64 @@
+"""Generation in memory: the whole prefill/decode loop over the split stages on one screen.
+
+This is what the file pipeline does step by step with .npy files; tests and benchmarks use it directly.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.backends import Backend
+from pipeline.masks import step_inputs
+from pipeline.sampling import SamplingSettings, sample
+
+
+def prompt_chunks(token_ids: list[int], T: int) -> list[list[int]]:
+    """A prompt longer than T is prefilled in chunks of T tokens, one step per chunk."""
+    return [token_ids[i:i + T] for i in range(0, len(token_ids), T)]
+
+
+class MemoryKVCache:
+    """Per-block (Lk,1,KV,C,D) arrays; a step writes only its new slots [past_len, past_len+q_len)."""
+
+    def __init__(self, manifest):
+        m, dtype = manifest.model, np.dtype(manifest.kv_dtype)
+        shape = lambda b: (b.num_layers, 1, m.num_key_value_heads, manifest.max_cache_len, m.head_dim)
+        self.keys = [np.zeros(shape(b), dtype) for b in manifest.blocks]
+        self.values = [np.zeros(shape(b), dtype) for b in manifest.blocks]
+
+    def past(self, k: int):
+        return self.keys[k], self.values[k]
+
+    def store(self, k: int, past_len: int, q_len: int, present_key, present_value):
+        self.keys[k][:, :, :, past_len:past_len + q_len] = present_key[:, :, :, :q_len]
+        self.values[k][:, :, :, past_len:past_len + q_len] = present_value[:, :, :, :q_len]
+
+
+def forward_step(backend: Backend, cache, token_ids: list[int], past_len: int) -> np.ndarray:
+    """Run embed -> blocks -> output for one step; returns the logits row of the last real token."""
+    m = backend.manifest
+    T = m.max_input_len if past_len == 0 or len(token_ids) > 1 else 1
+    input_ids, mask, positions = step_inputs(token_ids, past_len, T, m.max_cache_len, m.mask_value)
+    hidden = backend.embed(input_ids)
+    for k in range(len(m.blocks)):
+        hidden, present_key, present_value = backend.block(k, hidden, mask, positions, *cache.past(k))
+        cache.store(k, past_len, len(token_ids), present_key, present_value)
+    return backend.output(hidden)[0, len(token_ids) - 1]
+
+
+def generate(backend: Backend, prompt_ids: list[int], max_new_tokens: int,
+             settings: SamplingSettings = SamplingSettings(), stop_ids: set[int] = frozenset()) -> list[int]:
+    m = backend.manifest
+    cache = MemoryKVCache(m)
+    past_len, step, new = 0, 0, []
+    for chunk in prompt_chunks(prompt_ids, m.max_input_len):
+        logits = forward_step(backend, cache, chunk, past_len)
+        past_len += len(chunk)
+        step += 1
+    while True:
+        token = sample(logits, settings, step - 1)
+        new.append(token)
+        if len(new) >= max_new_tokens or token in stop_ids or past_len + 1 > m.max_cache_len:
+            return new
+        logits = forward_step(backend, cache, [token], past_len)
+        past_len += 1
+        step += 1

@@ -1,0 +1,29 @@
+"""Inputs of one step: token ids padded to the graph's T, the additive attention mask, and positions.
+
+Mask columns 0..C-1 are cache slots (slots < past_len attend), columns C..C+T-1 the step's own tokens
+(causal). Padding rows (q_len..T-1) attend only to themselves so their softmax stays finite; their outputs
+are ignored and their K/V never reach the cache.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from pipeline.errors import StagepipeError
+
+
+def step_inputs(token_ids, past_len: int, T: int, C: int, mask_value: float, pad_id: int = 0):
+    """-> input_ids int64 (1,T), attention_mask float32 (1,1,T,C+T), position_ids int64 (1,T)."""
+    q_len = len(token_ids)
+    if not 1 <= q_len <= T:
+        raise StagepipeError(f"a step takes 1..{T} tokens, got {q_len}")
+    if past_len < 0 or past_len + q_len > C:
+        raise StagepipeError(f"past_len {past_len} + {q_len} new tokens does not fit the {C}-slot KV cache")
+    input_ids = np.full((1, T), pad_id, dtype=np.int64)
+    input_ids[0, :q_len] = token_ids
+    mask = np.full((1, 1, T, C + T), mask_value, dtype=np.float32)
+    mask[0, 0, :q_len, :past_len] = 0.0
+    own = np.tril(np.ones((T, T), dtype=bool))
+    own[q_len:] = np.eye(T, dtype=bool)[q_len:]
+    mask[0, 0, :, C:][own] = 0.0
+    position_ids = (past_len + np.arange(T, dtype=np.int64))[None, :]
+    return input_ids, mask, position_ids

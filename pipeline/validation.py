@@ -1,0 +1,24 @@
+"""Read a JSON file into a pydantic model; a bad file becomes one line naming the field and the reason."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from pydantic import BaseModel, ValidationError
+
+from pipeline.errors import StagepipeError
+
+
+def load_model_file(path: Path, model: type[BaseModel]):
+    path = Path(path)
+    try:
+        return model.model_validate_json(path.read_bytes())
+    except FileNotFoundError:
+        raise StagepipeError(f"{path}: not found") from None
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(x) for x in err["loc"]) or "(file)"
+        more = f" (and {len(e.errors()) - 1} more problems)" if len(e.errors()) > 1 else ""
+        raise StagepipeError(f"{path}: field '{field}': {err['msg']}{more}; fix or regenerate the file") from None
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise StagepipeError(f"{path}: cannot read ({e})") from None

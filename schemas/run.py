@@ -1,0 +1,83 @@
+"""run.json, meta.json (one per step), summary.json and kv_cache/cache.json."""
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+
+RUN_SCHEMA_VERSION = 1
+
+
+class Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class SamplingSettings(Strict):
+    greedy: bool = True
+    temperature: float = 1.0
+    top_k: int = 0  # 0 = no limit
+    top_p: float = 1.0
+    seed: int = 0
+
+
+class RunSettings(Strict):
+    """run.json: what a run generates and how; a rerun with other settings must say so (--from_step/--clean)."""
+
+    schema_version: int = RUN_SCHEMA_VERSION
+    prompt: str
+    chat: bool = False
+    no_think: bool = False
+    prompt_token_ids: list[int]
+    onnx_dir: str
+    onnx_fingerprint: str
+    backend: str = "onnx"
+    max_new_tokens: int = Field(ge=1)
+    ignore_eos: bool = False
+    stop_token_ids: list[int] = []
+    sampling: SamplingSettings
+
+
+class StageRecord(Strict):
+    seconds: float  # wall time of the stage's own work (load, compute, write)
+    inputs_digest: str  # md5 of the input tensors: a finished stage with the same inputs is not redone
+
+
+class StepMeta(Strict):
+    schema_version: int = RUN_SCHEMA_VERSION
+    step: int = Field(ge=0)
+    mode: Literal["prefill", "decode"]
+    past_len: int = Field(ge=0)  # cache slots filled before this step
+    q_len: int = Field(ge=1)  # real tokens in this step (the rest of T is padding)
+    next_past_len: int  # past_len + q_len
+    max_input_len: int
+    max_cache_len: int
+    input_token_ids: list[int]
+    onnx_fingerprint: str
+    backend: str = "onnx"
+    sampling: SamplingSettings
+    sample_next: bool = True  # False for a prompt chunk that another prompt chunk follows
+    stages: dict[str, StageRecord] = {}
+    next_token_id: int | None = None
+
+
+class RunSummary(Strict):
+    schema_version: int = RUN_SCHEMA_VERSION
+    prompt: str
+    prompt_token_ids: list[int]
+    generated_token_ids: list[int]
+    text: str
+    stop_reason: Literal["running", "eos", "max_steps", "cache_full"]
+    steps: int  # step folders in the run
+    time_to_first_token_s: float | None  # stage time of all prefill steps
+    decode_tokens_per_s: float | None  # decode steps per second of decode stage time
+
+
+class CacheRecord(Strict):
+    """kv_cache/cache.json: binds the cache files to the graphs they were filled by."""
+
+    schema_version: int = RUN_SCHEMA_VERSION
+    onnx_fingerprint: str
+    max_cache_len: int
+    kv_dtype: str
+    block_shapes: list[list[int]]
