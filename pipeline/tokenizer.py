@@ -296,6 +296,14 @@ def write_qwen3_tokenizer(out_dir) -> Path:
     return out_dir
 
 
+def load_optional_tokenizer(path_or_dir) -> "Tokenizer | None":
+    """Tokenizer.load(path_or_dir), or None when there is no tokenizer.json there (a corrupt one still raises)."""
+    path = Path(path_or_dir)
+    if path.is_dir():
+        path = path / "tokenizer.json"
+    return Tokenizer.load(path) if path.is_file() else None
+
+
 class Tokenizer:
     """Thin wrapper over a `tokenizers.Tokenizer` with Qwen chat-prompt formatting."""
 

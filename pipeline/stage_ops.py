@@ -1,0 +1,165 @@
+"""What each stage does to a step folder. Stage CLIs (stages/) and doit (dodo.py) both call these.
+
+A step folder holds meta.json and the step's tensors. Each stage records in meta.json how long it took and
+a digest of its inputs; a stage asked to redo work it already finished on the same inputs returns at once,
+so a rerun (by hand, or after a crash that lost doit's records) is idempotent and cheap.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.atomic import write_npy, write_text
+from pipeline.backends import Backend
+from pipeline.errors import StagepipeError
+from pipeline.masks import step_inputs
+from pipeline.sampling import check_sampling, sample
+from pipeline.tensors import digest, load_tensor
+from pipeline.validation import load_model_file
+from schemas.run import SamplingSettings, StageRecord, StepMeta
+
+
+@dataclass
+class StepPaths:
+    """Where a step's files live; each can be pointed elsewhere (the stages' --hidden_in, --logits, ... flags)."""
+
+    step_dir: Path
+    meta: Path | None = None
+    input_ids: Path | None = None
+    attention_mask: Path | None = None
+    position_ids: Path | None = None
+    logits: Path | None = None
+    next_token_file: Path | None = None
+    next_token_text: Path | None = None
+
+    def __post_init__(self):
+        d = Path(self.step_dir)
+        self.step_dir = d
+        self.meta = Path(self.meta or d / "meta.json")
+        self.input_ids = Path(self.input_ids or d / "input_ids.npy")
+        self.attention_mask = Path(self.attention_mask or d / "attention_mask.npy")
+        self.position_ids = Path(self.position_ids or d / "position_ids.npy")
+        self.logits = Path(self.logits or d / "logits.npy")
+        self.next_token_file = Path(self.next_token_file or d / "next_token_id.txt")
+        self.next_token_text = Path(self.next_token_text or d / "next_token.txt")
+
+    def hidden(self, k: int) -> Path:
+        return self.step_dir / f"hidden_block{k}.npy"
+
+
+def load_meta(path: Path) -> StepMeta:
+    return load_model_file(path, StepMeta)
+
+
+def save_meta(path: Path, meta: StepMeta):
+    write_text(path, meta.model_dump_json(indent=2) + "\n")
+
+
+def _graph_T(backend: Backend, meta: StepMeta) -> int:
+    return backend.manifest.max_input_len if meta.mode == "prefill" else 1
+
+
+def token_embed(backend: Backend, paths: StepPaths, step: int, past_len: int, token_ids: list[int],
+                sampling: SamplingSettings, sample_next: bool = True, hidden_out: Path | None = None) -> StepMeta:
+    m = backend.manifest
+    vocab = m.model.vocab_size
+    bad = [t for t in token_ids if not 0 <= t < vocab]
+    if bad:
+        raise StagepipeError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
+    mode = "prefill" if past_len == 0 or len(token_ids) > 1 else "decode"
+    T = m.max_input_len if mode == "prefill" else 1
+    hidden_out = Path(hidden_out or paths.hidden(0))
+    inputs_digest = digest(m.graphs_fingerprint, backend.name, step, past_len, token_ids)
+    if paths.meta.exists() and hidden_out.exists():
+        old = load_meta(paths.meta)
+        rec = old.stages.get("embed")
+        if rec and rec.inputs_digest == inputs_digest and old.sampling == sampling:
+            return old
+    started = time.perf_counter()
+    input_ids, mask, positions = step_inputs(token_ids, past_len, T, m.max_cache_len, m.mask_value)
+    hidden = backend.embed(input_ids)
+    for path, arr in ((paths.input_ids, input_ids), (paths.attention_mask, mask), (paths.position_ids, positions),
+                      (hidden_out, hidden)):
+        write_npy(path, arr)
+    meta = StepMeta(step=step, mode=mode, past_len=past_len, q_len=len(token_ids),
+                    next_past_len=past_len + len(token_ids), max_input_len=m.max_input_len,
+                    max_cache_len=m.max_cache_len, input_token_ids=list(token_ids),
+                    onnx_fingerprint=m.graphs_fingerprint, backend=backend.name, sampling=check_sampling(sampling),
+                    sample_next=sample_next)
+    meta.stages["embed"] = StageRecord(seconds=time.perf_counter() - started, inputs_digest=inputs_digest)
+    save_meta(paths.meta, meta)
+    return meta
+
+
+def block(backend: Backend, paths: StepPaths, k: int, past_key: np.ndarray, past_value: np.ndarray,
+          hidden_in: Path | None = None, hidden_out: Path | None = None) -> StepMeta:
+    """Run block k; writes its hidden states and the step's new K/V into the cache slots (past_len...)."""
+    m = backend.manifest
+    meta = load_meta(paths.meta)
+    _check_meta(meta, backend, paths.meta)
+    if not 0 <= k < len(m.blocks):
+        raise StagepipeError(f"--block {k}: this model has blocks 0..{len(m.blocks) - 1}")
+    hidden_in, hidden_out = Path(hidden_in or paths.hidden(k)), Path(hidden_out or paths.hidden(k + 1))
+    name = f"block{k}"
+    inputs_digest = digest(hidden_in, paths.attention_mask, paths.position_ids)
+    rec = meta.stages.get(name)
+    if rec and rec.inputs_digest == inputs_digest and hidden_out.exists():
+        return meta
+    started = time.perf_counter()
+    T, H, C = _graph_T(backend, meta), m.model.hidden_size, m.max_cache_len
+    dtype = np.float16 if m.precision == "fp16" else np.float32
+    hidden = load_tensor(hidden_in, (1, T, H), dtype, "hidden states")
+    mask = load_tensor(paths.attention_mask, (1, 1, T, C + T), np.float32, "attention mask")
+    positions = load_tensor(paths.position_ids, (1, T), np.int64, "position ids")
+    out, present_key, present_value = backend.block(k, hidden, mask, positions, past_key, past_value)
+    if meta.past_len + meta.q_len > C:
+        raise StagepipeError(f"{paths.meta}: past_len {meta.past_len} + q_len {meta.q_len} passes the {C}-slot cache")
+    past_key[:, :, :, meta.past_len:meta.next_past_len] = present_key[:, :, :, :meta.q_len]
+    past_value[:, :, :, meta.past_len:meta.next_past_len] = present_value[:, :, :, :meta.q_len]
+    write_npy(hidden_out, out)
+    meta.stages[name] = StageRecord(seconds=time.perf_counter() - started, inputs_digest=inputs_digest)
+    save_meta(paths.meta, meta)
+    return meta
+
+
+def output(backend: Backend, paths: StepPaths, sampling: SamplingSettings | None = None,
+           hidden_in: Path | None = None, token_text=None) -> StepMeta:
+    """Final norm + lm_head; samples the next token from the last real row (unless a prompt chunk follows)."""
+    m = backend.manifest
+    meta = load_meta(paths.meta)
+    _check_meta(meta, backend, paths.meta)
+    if sampling is not None and sampling != meta.sampling:
+        meta.sampling = check_sampling(sampling)
+    hidden_in = Path(hidden_in or paths.hidden(len(m.blocks)))
+    inputs_digest = digest(hidden_in, meta.sampling.model_dump_json(), meta.sample_next)
+    rec = meta.stages.get("output")
+    done = paths.logits.exists() and (not meta.sample_next or paths.next_token_file.exists())
+    if rec and rec.inputs_digest == inputs_digest and done:
+        return meta
+    started = time.perf_counter()
+    T, H = _graph_T(backend, meta), m.model.hidden_size
+    dtype = np.float16 if m.precision == "fp16" else np.float32
+    logits = backend.output(load_tensor(hidden_in, (1, T, H), dtype, "hidden states"))
+    write_npy(paths.logits, logits)
+    meta.next_token_id = None
+    if meta.sample_next:
+        token = sample(logits[0, meta.q_len - 1], meta.sampling, meta.step)
+        write_text(paths.next_token_file, f"{token}\n")
+        write_text(paths.next_token_text, token_text(token) if token_text else f"<{token}>")
+        meta.next_token_id = token
+    meta.stages["output"] = StageRecord(seconds=time.perf_counter() - started, inputs_digest=inputs_digest)
+    save_meta(paths.meta, meta)
+    return meta
+
+
+def _check_meta(meta: StepMeta, backend: Backend, where: Path):
+    m = backend.manifest
+    if meta.onnx_fingerprint != m.graphs_fingerprint:
+        raise StagepipeError(f"{where}: step was made with other graphs (onnx fingerprint differs); rerun "
+                             "token_embed for this step with this --onnx_dir")
+    if (meta.max_input_len, meta.max_cache_len) != (m.max_input_len, m.max_cache_len):
+        raise StagepipeError(f"{where}: step has max_input_len/max_cache_len {meta.max_input_len}/"
+                             f"{meta.max_cache_len}, the graphs {m.max_input_len}/{m.max_cache_len}")

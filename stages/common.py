@@ -1,0 +1,46 @@
+"""Arguments every stage script shares, and turning them into a backend and step paths."""
+from __future__ import annotations
+
+import argparse
+import re
+from pathlib import Path
+
+from pipeline.backends import make_backend
+from pipeline.errors import StagepipeError
+from pipeline.manifest_io import load_manifest
+from pipeline.stage_ops import StepPaths
+
+
+def stage_parser(prog: str, description: str) -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog=prog, description=description)
+    p.add_argument("--step_dir", type=Path, required=True, help="the step folder (e.g. runs/demo/step_0000)")
+    p.add_argument("--onnx_dir", type=Path, required=True, help="converted model folder (manifest.json)")
+    p.add_argument("--backend", default="onnx", help="onnx (default) or reference (numpy, reads the checkpoint)")
+    p.add_argument("--model_path", type=Path, default=None, help="checkpoint for --backend reference")
+    p.add_argument("--meta", type=Path, default=None, help="meta.json path (default STEP_DIR/meta.json)")
+    p.add_argument("--attention_mask", type=Path, default=None, help="default STEP_DIR/attention_mask.npy")
+    p.add_argument("--position_ids", type=Path, default=None, help="default STEP_DIR/position_ids.npy")
+    p.add_argument("--max_input_len", type=int, default=None, help="checked against the graphs (optional)")
+    p.add_argument("--max_cache_len", type=int, default=None, help="checked against the graphs (optional)")
+    return p
+
+
+def open_backend(args):
+    manifest = load_manifest(args.onnx_dir)
+    for flag, value, expected in (("--max_input_len", args.max_input_len, manifest.max_input_len),
+                                  ("--max_cache_len", args.max_cache_len, manifest.max_cache_len)):
+        if value is not None and value != expected:
+            raise StagepipeError(f"{flag} {value} does not match the graphs in {args.onnx_dir} ({expected}); "
+                                 "reconvert with that value or drop the flag")
+    kwargs = {"model_path": args.model_path} if args.backend == "reference" else {}
+    return make_backend(args.backend, args.onnx_dir, manifest, **kwargs)
+
+
+def step_paths(args, **extra) -> StepPaths:
+    return StepPaths(args.step_dir, meta=args.meta, attention_mask=args.attention_mask,
+                     position_ids=args.position_ids, **extra)
+
+
+def step_number(step_dir: Path) -> int:
+    match = re.search(r"(\d+)$", Path(step_dir).name)
+    return int(match.group(1)) if match else 0

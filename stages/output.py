@@ -1,0 +1,34 @@
+"""Last stage: final norm + lm_head -> logits.npy, then the next token (next_token_id.txt, next_token.txt)."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.errors import cli_entry
+from pipeline.stage_ops import load_meta, output
+from pipeline.tokenizer import load_optional_tokenizer
+from stages.common import open_backend, stage_parser, step_paths
+from stages.token_embed import add_sampling_args, sampling_from_args
+
+
+@cli_entry
+def main(argv=None):
+    p = stage_parser("python -m stages.output", __doc__.split("\n")[0])
+    p.add_argument("--hidden_in", type=Path, default=None, help="default STEP_DIR/hidden_block{N}.npy")
+    p.add_argument("--logits", type=Path, default=None, help="default STEP_DIR/logits.npy")
+    p.add_argument("--next_token_file", type=Path, default=None, help="default STEP_DIR/next_token_id.txt")
+    add_sampling_args(p)
+    a = p.parse_args(argv)
+    backend = open_backend(a)
+    paths = step_paths(a, logits=a.logits, next_token_file=a.next_token_file)
+    sampling = sampling_from_args(a, base=load_meta(paths.meta).sampling)
+    tok = load_optional_tokenizer(a.onnx_dir)
+    meta = output(backend, paths, sampling, a.hidden_in, tok.token_text if tok else None)
+    if meta.next_token_id is None:
+        print(f"{a.step_dir}: logits written (prompt chunk: the next step takes more prompt tokens)")
+    else:
+        shown = tok.token_text(meta.next_token_id) if tok else ""
+        print(f"{a.step_dir}: next token {meta.next_token_id} {shown!r}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,88 @@
+"""Stage 1: tokens -> input_ids, attention_mask, position_ids, hidden_block0 and meta.json for one step.
+
+Step 0 of a prompt:  --prompt "text or file" (or --tokens_file ids.txt) --past_len 0
+Next prompt chunk:   the same --prompt with --past_len 16 (takes the prompt's tokens from past_len on)
+A decode step:       --prev_step runs/x/step_0001 (or --tokens_file runs/x/step_0001/next_token_id.txt)
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+from pipeline.errors import StagepipeError, cli_entry
+from pipeline.stage_ops import token_embed
+from pipeline.tensors import parse_token_ids
+from pipeline.tokenizer import Tokenizer
+from schemas.run import SamplingSettings
+from stages.common import open_backend, stage_parser, step_number, step_paths
+
+
+def add_sampling_args(p):
+    p.add_argument("--greedy", action="store_true", default=None, help="argmax (the default)")
+    p.add_argument("--temperature", type=float, default=None)
+    p.add_argument("--top_k", type=int, default=None)
+    p.add_argument("--top_p", type=float, default=None)
+    p.add_argument("--seed", type=int, default=None)
+
+
+def sampling_from_args(a, base: SamplingSettings | None = None) -> SamplingSettings | None:
+    given = {k: getattr(a, k) for k in ("temperature", "top_k", "top_p", "seed") if getattr(a, k) is not None}
+    if a.greedy is None and not given and base is not None:
+        return None
+    settings = (base or SamplingSettings()).model_copy(update=given)
+    if given.keys() & {"temperature", "top_k", "top_p"}:
+        settings.greedy = False
+    if a.greedy:
+        settings.greedy = True
+    return settings
+
+
+def prompt_text(value: str) -> str:
+    path = Path(value)
+    if len(value) < 4096 and path.is_file():
+        return path.read_text()
+    return value
+
+
+@cli_entry
+def main(argv=None):
+    p = stage_parser("python -m stages.token_embed", __doc__.split("\n")[0])
+    p.add_argument("--past_len", type=int, required=True, help="cache slots already filled before this step")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--prompt", help="prompt text, or a file holding it")
+    src.add_argument("--tokens_file", type=Path, help="token ids (.npy or text): the prompt, or the previous token")
+    src.add_argument("--init_tokens", type=Path, help="same as --tokens_file (name used by the original scripts)")
+    src.add_argument("--prev_step", type=Path, help="previous step folder: take its next_token_id.txt")
+    p.add_argument("--step", type=int, default=None, help="step number (default: from the folder name)")
+    p.add_argument("--hidden_out", type=Path, default=None, help="default STEP_DIR/hidden_block0.npy")
+    p.add_argument("--input_ids", type=Path, default=None, help="default STEP_DIR/input_ids.npy")
+    add_sampling_args(p)
+    a = p.parse_args(argv)
+    if a.past_len < 0:
+        raise StagepipeError(f"--past_len {a.past_len}: must be >= 0")
+    backend = open_backend(a)
+    m = backend.manifest
+    if a.prompt is not None:
+        text = prompt_text(a.prompt)
+        if not text:
+            raise StagepipeError("--prompt is empty; give some text")
+        ids = Tokenizer.load(a.onnx_dir).encode(text)
+    else:
+        ids = parse_token_ids(a.prev_step / "next_token_id.txt" if a.prev_step else (a.tokens_file or a.init_tokens))
+    if a.prompt is not None or (a.tokens_file or a.init_tokens) and len(ids) > 1:
+        # a whole prompt: this step takes the tokens from past_len on, at most max_input_len of them
+        if a.past_len >= len(ids):
+            raise StagepipeError(f"--past_len {a.past_len}: the prompt has only {len(ids)} tokens")
+        if len(ids) > m.max_cache_len:
+            raise StagepipeError(f"the prompt has {len(ids)} tokens, more than the {m.max_cache_len}-slot KV cache")
+        chunk = ids[a.past_len:a.past_len + m.max_input_len]
+        sample_next = a.past_len + len(chunk) == len(ids)
+    else:
+        chunk, sample_next = ids[-1:], True
+    sampling = sampling_from_args(a) or SamplingSettings()
+    meta = token_embed(backend, step_paths(a, input_ids=a.input_ids), a.step if a.step is not None else
+                       step_number(a.step_dir), a.past_len, chunk, sampling, sample_next, a.hidden_out)
+    print(f"{a.step_dir}: {meta.mode} step {meta.step}, past_len {meta.past_len}, {meta.q_len} tokens")
+
+
+if __name__ == "__main__":
+    main()
