@@ -66,7 +66,7 @@ class Run:
         self.manifest = load_manifest(params.onnx_dir)
         m = self.manifest
         self.tokenizer = Tokenizer.load(params.onnx_dir)
-        if not params.prompt:
+        if not params.prompt.strip():
             raise StagepipeError("--prompt is empty; give some text")
         text = Tokenizer.chat_prompt(params.prompt, no_think=params.no_think) if params.chat else params.prompt
         ids = self.tokenizer.encode(text)
@@ -207,8 +207,7 @@ class Run:
             if s >= n:
                 deps.append(str(self.step_dir(s - 1) / "next_token_id.txt"))
             step_config = {"tokens": self.chunks[s] if s < n else "previous", "past_len": self.past_len(s),
-                           "onnx": m.graphs_fingerprint, "backend": self.params.backend,
-                           "sampling": self.settings.sampling.model_dump()}
+                           "onnx": m.graphs_fingerprint, "backend": self.params.backend}
             yield {"basename": basename, "name": f"{name}:embed", "actions": [_guard(self.embed, s)],
                    "file_dep": deps, "task_dep": [f"{basename}:prepare"], "verbosity": 2,
                    "uptodate": [*stopped, config_changed(step_config)],

@@ -56,20 +56,29 @@ class CheckpointSpec:
         return 0
 
 
+# Model seeds were picked by scanning seeds 0..15 per spec with the shared prompt (prompt_ids(spec), PROMPT_SEED)
+# and keeping one whose 20-token greedy run has >= 5 distinct ids, no EOS, and a min top-1/top-2 logit margin
+# >= 0.05 (5x the sanity-test threshold), preferring the most distinct ids. Min margins measured with
+# transformers 5.23 / torch 2.13 CPU are noted per spec. Change a seed only together with a re-scan.
 CHECKPOINT_SPECS: dict[str, CheckpointSpec] = {
     s.name: s
     for s in [
+        # min margin 0.112, 14 distinct ids
         CheckpointSpec("qwen3_tied", "qwen3", hidden=64, layers=4, heads=4, kv_heads=2, head_dim=None,
-                       intermediate=128, vocab=512, tied=True, seed=11, rope_theta=10000.0),
+                       intermediate=128, vocab=512, tied=True, seed=4, rope_theta=10000.0),
+        # min margin 0.093, 19 distinct ids
         CheckpointSpec("qwen3_untied_gqa1", "qwen3", hidden=64, layers=4, heads=4, kv_heads=1, head_dim=32,
-                       intermediate=96, vocab=384, tied=False, seed=12, rope_theta=1e6),
+                       intermediate=96, vocab=384, tied=False, seed=0, rope_theta=1e6),
+        # min margin 0.106, 19 distinct ids
         CheckpointSpec("qwen2_bias", "qwen2", hidden=64, layers=4, heads=4, kv_heads=2, head_dim=None,
-                       intermediate=128, vocab=448, tied=False, seed=13, rope_theta=10000.0),
+                       intermediate=128, vocab=448, tied=False, seed=15, rope_theta=10000.0),
+        # min margin 0.092, 15 distinct ids; 5 layers so the converter splits 2 blocks as 3+2
         CheckpointSpec("qwen3_uneven", "qwen3", hidden=48, layers=5, heads=3, kv_heads=1, head_dim=16,
-                       intermediate=96, vocab=320, tied=True, seed=14, rope_theta=1e6),
+                       intermediate=96, vocab=320, tied=True, seed=6, rope_theta=1e6),
+        # min margin 0.154, 19 distinct ids (margins of the bf16-rounded weights, run in float32)
         CheckpointSpec("qwen3_bf16_shards_v4", "qwen3", hidden=64, layers=4, heads=4, kv_heads=2, head_dim=16,
                        intermediate=128, vocab=512, tied=False, dtype="bfloat16", shards=2, config_style="v4",
-                       seed=15, rope_theta=1e6),
+                       seed=2, rope_theta=1e6),
     ]
 }
 
