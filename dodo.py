@@ -83,3 +83,16 @@ def task_run_auto(**params):
     with exit_on_error():
         run = open_run(params)
     yield from run.tasks()
+
+
+INSPECT_PARAMS = [
+    {"name": "path", "long": "path", "type": str, "default": "runs/demo", "help": "run, step or kv_cache folder"},
+    {"name": "as_json", "long": "json", "type": bool, "default": False, "help": "print JSON instead of tables"},
+]
+
+
+@task_params(INSPECT_PARAMS)
+def task_inspect(path, as_json):
+    """Show a run's steps and summary, or a step's tensors and meta.json (python -m pipeline.inspect)."""
+    argv = [path] + (["--json"] if as_json else [])
+    return {"actions": [[sys.executable, "-m", "pipeline.inspect", *argv]], "uptodate": [False], "verbosity": 2}

@@ -133,6 +133,7 @@ def graph_report(path: Path, label: str, allow: set[tuple[str, str]] | None = No
     opsets = {_domain(o.domain): int(o.version) for o in model.opset_import}
     count, total, external, inline = 0, 0, 0, 0
     files: dict[str, int] = {}
+    ends: dict[str, int] = {}  # furthest byte each file must hold
     for t in g.initializer:
         size, is_ext, location = _initializer_bytes(t)
         count += 1
@@ -141,13 +142,16 @@ def graph_report(path: Path, label: str, allow: set[tuple[str, str]] | None = No
             external += size
             if location:
                 files[location] = files.get(location, 0) + size
+                offset = next((int(e.value) for e in t.external_data if e.key == "offset"), 0)
+                ends[location] = max(ends.get(location, 0), offset + size)
         else:
             inline += size
     ext_files = []
     for loc, used in sorted(files.items()):
         f = path.parent / loc
-        ext_files.append({"file": loc, "bytes_referenced": used, "exists": f.is_file(),
-                          "size": f.stat().st_size if f.is_file() else None})
+        size = f.stat().st_size if f.is_file() else None
+        ext_files.append({"file": loc, "bytes_referenced": used, "exists": size is not None, "size": size,
+                          "too_short": size is not None and size < ends[loc]})
     inputs = [value_info(v) for v in g.input]
     outputs = [value_info(v) for v in g.output]
     initializer_names = {t.name for t in g.initializer}
@@ -159,7 +163,7 @@ def graph_report(path: Path, label: str, allow: set[tuple[str, str]] | None = No
     notes = []
     if manifest_opset is not None and opsets.get(DEFAULT_DOMAIN) != manifest_opset:
         notes.append(f"default-domain opset {opsets.get(DEFAULT_DOMAIN)} differs from manifest opset {manifest_opset}")
-    missing = [f["file"] for f in ext_files if not f["exists"]]
+    missing = [f["file"] for f in ext_files if not f["exists"] or f["too_short"]]
     report = {"graph": label, "file": str(path), "ir_version": int(model.ir_version),
               "producer": model.producer_name, "opsets": opsets, "node_domains": node_domains,
               "node_count": len(nodes), "ops": dict(sorted(ops.items())),
@@ -273,7 +277,8 @@ def print_report(r: dict):
         print(f"  initializers: {ini['count']}, {_bytes(ini['bytes'])} ({_bytes(ini['external_bytes'])} external, "
               f"{_bytes(ini['inline_bytes'])} inline)")
         for f in g["external_data_files"]:
-            state = f"file {_bytes(f['size'])}" if f["exists"] else "MISSING"
+            state = ("MISSING" if not f["exists"] else f"file {_bytes(f['size'])}" +
+                     (" TOO SHORT for the tensors it should hold" if f["too_short"] else ""))
             print(f"  external data: {f['file']} ({_bytes(f['bytes_referenced'])} referenced; {state})")
         for d in g["dynamic_dims"]:
             print(f"  FLAG dynamic dimension: {d}")
@@ -287,7 +292,7 @@ def print_report(r: dict):
     print("all graphs, op types: " + " ".join(r["all_ops"]))
     fl = r["flagged"]
     print(f"dynamic dimensions: {fl['dynamic_dims']}   non-standard domains: "
-          f"{', '.join(fl['nonstandard_domains']) or 'none'}   missing external data files: "
+          f"{', '.join(fl['nonstandard_domains']) or 'none'}   missing/short external data files: "
           f"{fl['missing_external_files']}")
     if r["allow_file"]:
         if r["disallowed_ops"]:
