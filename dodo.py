@@ -71,6 +71,8 @@ RUN_PARAMS = [
     {"name": "from_step", "long": "from_step", "type": int, "default": -1, "help": "discard steps >= K, redo them"},
     {"name": "clean", "long": "clean", "type": bool, "default": False, "help": "start the run folder over"},
     {"name": "reset_kv", "long": "reset_kv", "type": bool, "default": False, "help": "new KV cache, recompute all"},
+    {"name": "full_logits", "long": "full_logits", "type": bool, "default": False,
+     "help": "prefill steps keep logits for all T rows (default: the last real row only)"},
 ]
 
 
@@ -96,3 +98,21 @@ def task_inspect(path, as_json):
     """Show a run's steps and summary, or a step's tensors and meta.json (python -m pipeline.inspect)."""
     argv = [path] + (["--json"] if as_json else [])
     return {"actions": [[sys.executable, "-m", "pipeline.inspect", *argv]], "uptodate": [False], "verbosity": 2}
+
+
+BENCH_PARAMS = [
+    {"name": "model_path", "long": "model_path", "type": str, "default": "",
+     "help": "checkpoint (default: random Qwen3-0.6B-shaped models/bench-qwen3-0.6b, written if missing)"},
+    {"name": "small", "long": "small", "type": bool, "default": False, "help": "the tiny demo checkpoint: smoke run"},
+    {"name": "new_tokens", "long": "new_tokens", "type": int, "default": 32, "help": "greedy new tokens"},
+    {"name": "precision", "long": "precision", "type": str, "default": "fp32", "help": "fp32 or fp16 graphs"},
+]
+
+
+@task_params(BENCH_PARAMS)
+def task_bench(model_path, small, new_tokens, precision):
+    """Time run_auto vs the in-memory loop, by-hand stages and onnxruntime-genai (python -m benchmarks.bench)."""
+    argv = ["--new_tokens", str(new_tokens), "--precision", precision]
+    argv += ["--model_path", model_path] if model_path else []
+    argv += ["--small"] if small else []
+    return {"actions": [[sys.executable, "-m", "benchmarks.bench", *argv]], "uptodate": [False], "verbosity": 2}

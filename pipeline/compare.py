@@ -28,11 +28,12 @@ import numpy as np
 from pipeline.atomic import atomic_write_path, write_text
 from pipeline.errors import StagepipeError, cli_entry
 from pipeline.inspect import (HIDDEN_RE, INPUT_FILES, STEP_RE, classify, dump_json, fmt_num, format_table,
-                              load_step_meta, open_npy, read_json, run_tokenizer, step_dirs, step_next_token,
+                              load_step_meta, open_npy, run_tokenizer, step_dirs, step_next_token,
                               tensor_sort_key, token_text)
 
 EXACT_FILES = set(INPUT_FILES)  # compared for equality
 ZERO_FLOOR = 1e-12  # where an exact match is drawn on the log-scale plot
+CHUNK = 1 << 21  # elements compared at a time
 
 
 @dataclass(frozen=True)
@@ -61,39 +62,76 @@ def _shape(shape) -> str:
 
 
 def metrics(a: np.ndarray, b: np.ndarray, tol: Tolerance, exact: bool) -> dict:
-    """max abs error, MSE, cosine, allclose and the worst element of two same-shape arrays."""
-    a64, b64 = np.asarray(a, dtype=np.float64), np.asarray(b, dtype=np.float64)
-    diff = a64 - b64
+    """max abs error, MSE, cosine, allclose and the worst element of two same-shape arrays.
+
+    Reduced CHUNK elements at a time in float64, so memory stays flat however large the logits. The worst element
+    is the one that most exceeds atol + rtol * |b| (for an exact check: the largest difference), NaN first."""
+    fa, fb = a.reshape(-1), b.reshape(-1)
+    n = fa.size
+    max_abs, sq, dot, na2, nb2, nan_a, nan_b = 0.0, 0.0, 0.0, 0.0, 0.0, 0, 0
+    close, worst_at, worst, has_nan = True, 0, -np.inf, False
     with np.errstate(invalid="ignore", over="ignore"):
-        max_abs = float(np.max(np.abs(diff))) if diff.size else 0.0
-        mse = float(np.mean(diff * diff)) if diff.size else 0.0
-        na, nb = float(np.linalg.norm(a64)), float(np.linalg.norm(b64))
-        if na == 0.0 and nb == 0.0:
-            cosine = 1.0
-        elif na == 0.0 or nb == 0.0:
-            cosine = 0.0
-        else:
-            cosine = float(np.dot(a64.reshape(-1), b64.reshape(-1)) / (na * nb))
-        if exact:
-            close = bool(np.array_equal(a, b))
-            excess = np.abs(diff)
-        else:
-            close = bool(np.allclose(a64, b64, atol=tol.atol, rtol=tol.rtol))
-            excess = np.abs(diff) - (tol.atol + tol.rtol * np.abs(b64))
-        excess = np.where(np.isnan(excess), np.inf, excess)
-    worst = [int(i) for i in np.unravel_index(int(np.argmax(excess)), diff.shape)] if diff.size else []
-    return {"max_abs_err": max_abs, "mse": mse, "cosine": cosine, "allclose": close, "worst_index": worst,
-            "nan_a": int(np.isnan(a64).sum()), "nan_b": int(np.isnan(b64).sum())}
+        for start in range(0, n, CHUNK):
+            ca = np.asarray(fa[start:start + CHUNK], dtype=np.float64)
+            cb = np.asarray(fb[start:start + CHUNK], dtype=np.float64)
+            diff = np.abs(ca - cb)
+            max_abs = max(max_abs, float(diff.max()))  # NaN propagates: max(x, nan) is x, so check below
+            if np.isnan(diff).any():
+                has_nan = True
+            sq += float(np.dot(diff, diff))
+            dot += float(np.dot(ca, cb))
+            na2 += float(np.dot(ca, ca))
+            nb2 += float(np.dot(cb, cb))
+            nan_a += int(np.isnan(ca).sum())
+            nan_b += int(np.isnan(cb).sum())
+            if exact:
+                ok = (np.asarray(fa[start:start + CHUNK]) == np.asarray(fb[start:start + CHUNK]))
+                excess = diff
+            else:
+                ok = np.isclose(ca, cb, atol=tol.atol, rtol=tol.rtol)
+                excess = diff - (tol.atol + tol.rtol * np.abs(cb))
+            excess = np.where(np.isnan(excess) | (~ok & ~np.isfinite(excess)), np.inf, excess)
+            if not ok.all():
+                close = False
+                excess = np.where(ok, -np.inf, excess)  # point at an element that fails
+            i = int(np.argmax(excess))
+            if excess[i] > worst:
+                worst, worst_at = float(excess[i]), start + i
+    if na2 == 0.0 and nb2 == 0.0:
+        cosine = 1.0
+    elif na2 == 0.0 or nb2 == 0.0:
+        cosine = 0.0
+    else:
+        cosine = dot / (np.sqrt(na2) * np.sqrt(nb2))
+    index = [int(i) for i in np.unravel_index(worst_at, a.shape)] if n else []
+    if has_nan:
+        max_abs = float("nan")
+    return {"max_abs_err": max_abs, "mse": sq / n if n else 0.0, "cosine": float(cosine), "allclose": close,
+            "worst_index": index, "nan_a": nan_a, "nan_b": nan_b}
 
 
 def compare_tensor(path_a: Path, path_b: Path, rows: int | None, tol: Tolerance) -> dict:
     name = path_a.name
     exact = name in EXACT_FILES
-    a, b = open_npy(path_a), open_npy(path_b)
-    entry = {"file": name, "stage": stage_of(name), "shape_a": list(a.shape), "shape_b": list(b.shape),
-             "dtype_a": str(a.dtype), "dtype_b": str(b.dtype), "check": "equal" if exact else "close",
-             "real_rows": None, "max_abs_err": None, "mse": None, "cosine": None, "allclose": None,
-             "worst_index": None, "exceeds": False, "reason": None}
+    entry = {"file": name, "stage": stage_of(name), "shape_a": None, "shape_b": None, "dtype_a": None,
+             "dtype_b": None, "check": "equal" if exact else "close", "real_rows": None, "max_abs_err": None,
+             "mse": None, "cosine": None, "allclose": None, "worst_index": None, "exceeds": False, "reason": None,
+             "note": None}
+    try:
+        a, b = open_npy(path_a), open_npy(path_b)
+    except StagepipeError as e:  # a damaged tensor file fails that tensor, not the whole comparison
+        entry.update(exceeds=True, reason=f"unreadable: {e}")
+        return entry
+    entry.update(shape_a=list(a.shape), shape_b=list(b.shape), dtype_a=str(a.dtype), dtype_b=str(b.dtype))
+    if a.dtype != b.dtype:
+        entry["note"] = f"dtype {a.dtype} vs {b.dtype}"
+    if a.shape != b.shape and _last_row_only(name, a, b, rows):
+        # one run kept all T prefill logits rows (run_auto --full_logits), the other the last real row only
+        if a.shape[1] > 1:
+            a, note = a[:, rows - 1:rows], f"B has the last real row only: compared A's row {rows - 1}"
+        else:
+            b, note = b[:, rows - 1:rows], f"A has the last real row only: compared B's row {rows - 1}"
+        entry["note"] = "; ".join(filter(None, [entry["note"], note]))
     if a.shape != b.shape:
         entry.update(exceeds=True, reason=f"shape {_shape(a.shape)} vs {_shape(b.shape)}")
         return entry
@@ -113,6 +151,15 @@ def compare_tensor(path_a: Path, path_b: Path, rows: int | None, tol: Tolerance)
         reasons.append(f"NaN in {'A' if entry['nan_a'] else ''}{'B' if entry['nan_b'] else ''}")
     entry.update(exceeds=bool(reasons), reason="; ".join(reasons) or None)
     return entry
+
+
+def _last_row_only(name: str, a: np.ndarray, b: np.ndarray, rows: int | None) -> bool:
+    """logits (1,T,V) against (1,1,V): a full-logits prefill step against a last-row-only one."""
+    if name != "logits.npy" or rows is None or a.ndim != 3 or b.ndim != 3:
+        return False
+    if a.shape[0] != b.shape[0] or a.shape[2] != b.shape[2]:
+        return False
+    return sorted((a.shape[1], b.shape[1]))[0] == 1 and rows <= max(a.shape[1], b.shape[1])
 
 
 def _sides(path_a: Path, path_b: Path):
@@ -208,9 +255,15 @@ def print_report(r: dict):
             print(f"  meta.json {key} differs: A {va}  B {vb}")
         rows = []
         for e in s["tensors"]:
-            shape = _shape(e["shape_a"]) if e["shape_a"] == e["shape_b"] else \
-                f"{_shape(e['shape_a'])} vs {_shape(e['shape_b'])}"
+            if e["shape_a"] is None:
+                shape = "?"
+            elif e["shape_a"] == e["shape_b"]:
+                shape = _shape(e["shape_a"])
+            else:
+                shape = f"{_shape(e['shape_a'])} vs {_shape(e['shape_b'])}"
             status = ("FAIL: " + e["reason"]) if e["exceeds"] else ("ok (equal)" if e["check"] == "equal" else "ok")
+            if e.get("note"):
+                status += f" ({e['note']})"
             cosine = None if e["cosine"] is None else f"{e['cosine']:.6f}"
             rows.append([e["file"], shape, e["real_rows"] if e["real_rows"] is not None else "all",
                          fmt_num(e["max_abs_err"]), fmt_num(e["mse"]), cosine, status])

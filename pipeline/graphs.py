@@ -177,15 +177,17 @@ def _decoder_layer(s: StageGraph, p: str, x, mask, cos, sin_signed, past_k, past
     q, k = _rope(s, q, cos, sin_signed, D), _rope(s, k, cos, sin_signed, D)
 
     # Grouped-query attention without repeating K/V: query head h uses kv head h // G, so the Hq query heads
-    # regroup as (KV, G*T) rows against each kv head's C+T keys.
-    keys = g.op("Concat", past_k, k, axis=1)  # (KV, C+T, D)
-    values = g.op("Concat", past_v, v, axis=1)
+    # regroup as (KV, G*T) rows. Scores against the cache and against the step's own keys are computed apart
+    # and only the small score rows are joined, so the (KV, C, D) cache is never copied.
     q_grouped = g.op("Reshape", q, g.const([KV, G * T, D]))
-    scores = g.op("MatMul", q_grouped, g.op("Transpose", keys, perm=[0, 2, 1]))
-    scores = g.op("Mul", scores, g.const(1.0 / np.sqrt(D), F32))
+    scores_past = g.op("MatMul", q_grouped, g.op("Transpose", past_k, perm=[0, 2, 1]))  # (KV, G*T, C)
+    scores_new = g.op("MatMul", q_grouped, g.op("Transpose", k, perm=[0, 2, 1]))  # (KV, G*T, T)
+    scores = g.op("Mul", g.op("Concat", scores_past, scores_new, axis=-1), g.const(1.0 / np.sqrt(D), F32))
     scores = g.op("Add", g.op("Reshape", scores, g.const([KV, G, T, C + T])), mask)
     probs = g.op("Reshape", g.op("Softmax", scores, axis=-1), g.const([KV, G * T, C + T]))
-    attn = g.op("Reshape", g.op("MatMul", probs, values), g.const([Hq, T, D]))
+    probs_past, probs_new = g.op("Split", probs, g.const([C, T]), axis=-1, n_out=2)
+    attn = g.op("Add", g.op("MatMul", probs_past, past_v), g.op("MatMul", probs_new, v))  # (KV, G*T, D)
+    attn = g.op("Reshape", attn, g.const([Hq, T, D]))
     attn = g.op("Reshape", g.op("Transpose", attn, perm=[1, 0, 2]), g.const([T, Hq * D]))
     x = g.op("Add", x, s.linear(attn, p + ".self_attn.o_proj", c.o_bias))
 

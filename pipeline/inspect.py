@@ -13,6 +13,7 @@ The helpers here (step folders, pipeline order of tensor files, token text) are 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import math
 import os
@@ -129,13 +130,22 @@ def find_onnx_dir(run_dir: Path, settings: dict | None) -> Path | None:
     return None
 
 
-def run_tokenizer(run_dir: Path, settings: dict | None = None):
-    """The tokenizer of the run's onnx_dir, or None (text columns then show '-')."""
+@functools.lru_cache(maxsize=4)
+def _tokenizer(path: str, mtime_ns: int, size: int):
     from pipeline.tokenizer import load_optional_tokenizer
 
+    return load_optional_tokenizer(path)
+
+
+def run_tokenizer(run_dir: Path, settings: dict | None = None):
+    """The tokenizer of the run's onnx_dir, or None (text columns then show '-'). Loaded once per file."""
     settings = settings if settings is not None else read_json(Path(run_dir) / "run.json")
     onnx_dir = find_onnx_dir(run_dir, settings)
-    return load_optional_tokenizer(onnx_dir) if onnx_dir else None
+    path = onnx_dir / "tokenizer.json" if onnx_dir else None
+    if path is None or not path.is_file():
+        return None
+    st = path.stat()
+    return _tokenizer(str(path.resolve()), st.st_mtime_ns, st.st_size)
 
 
 def token_text(tokenizer, token_id: int | None) -> str | None:
@@ -279,10 +289,13 @@ def inspect_run(run_dir: Path) -> dict:
     tokenizer = run_tokenizer(run_dir, settings)
     steps = []
     for d in step_dirs(run_dir):
-        meta = load_step_meta(d)
+        try:
+            meta, problem = load_step_meta(d), None
+        except StagepipeError as e:  # show the other steps; name the broken file
+            meta, problem = None, str(e)
         token = step_next_token(d, meta)
         steps.append({
-            "step": int(STEP_RE.match(d.name).group(1)), "dir": d.name,
+            "step": int(STEP_RE.match(d.name).group(1)), "dir": d.name, "error": problem,
             "mode": meta.mode if meta else None, "past_len": meta.past_len if meta else None,
             "q_len": meta.q_len if meta else None, "input_token_ids": meta.input_token_ids if meta else None,
             "next_token_id": token, "next_token_text": token_text(tokenizer, token),
@@ -315,7 +328,8 @@ def print_run(info: dict):
     for st in info["steps"]:
         ids = st["input_token_ids"]
         text = st["next_token_text"]
-        rows.append([st["dir"], st["mode"] or "(no meta.json)", st["past_len"], st["q_len"],
+        rows.append([st["dir"], st["mode"] or ("(bad meta.json)" if st["error"] else "(no meta.json)"),
+                     st["past_len"], st["q_len"],
                      abbreviate_ids(ids) if ids is not None else None, st["next_token_id"]] +
                     [f"{st['stages_ms'][n]:.1f}" if n in st["stages_ms"] else None for n in stages] +
                     [f"{st['total_ms']:.1f}" if st["total_ms"] is not None else None,
@@ -326,6 +340,9 @@ def print_run(info: dict):
         print(format_table(headers, rows, right))
     else:
         print("(no step folders yet)")
+    for st in info["steps"]:
+        if st["error"]:
+            print(f"problem: {st['error']}")
     print()
     summary = info["summary"]
     if summary is None:
@@ -356,8 +373,8 @@ def print_step(info: dict):
     print(f"step {info['path']}")
     meta = info["meta"]
     if meta and meta["mode"] == "prefill" and meta["q_len"] < meta["max_input_len"]:
-        print(f"  (prefill: rows {meta['q_len']}..{meta['max_input_len'] - 1} of hidden/logits are padding; "
-              "statistics include them)")
+        print(f"  (prefill: rows {meta['q_len']}..{meta['max_input_len'] - 1} of the (1,T,...) hidden_block*/logits "
+              "are padding; statistics include them)")
     print()
     if info["tensors"]:
         print(format_table(TENSOR_HEADERS, tensor_rows(info["tensors"]), right={3, 4, 5, 6, 7, 8}))

@@ -46,6 +46,7 @@ class RunParams:
     from_step: int | None = None
     clean: bool = False
     reset_kv: bool = False
+    full_logits: bool = False
 
 
 def step_name(s: int) -> str:
@@ -78,7 +79,7 @@ class Run:
         self.settings = RunSettings(
             prompt=params.prompt, chat=params.chat, no_think=params.no_think, prompt_token_ids=ids,
             onnx_dir=str(params.onnx_dir), onnx_fingerprint=m.graphs_fingerprint, backend=params.backend,
-            max_new_tokens=params.steps, ignore_eos=params.ignore_eos,
+            max_new_tokens=params.steps, ignore_eos=params.ignore_eos, full_logits=params.full_logits,
             stop_token_ids=[] if params.ignore_eos else m.model.eos_token_ids,
             sampling=check_sampling(params.sampling))
         T = m.max_input_len
@@ -88,6 +89,7 @@ class Run:
         self.n_steps = len(self.chunks) + decode_steps
         self._backend = None
         self._kv = None
+        self._stopped: dict[int, bool] = {}
 
     # -- helpers -------------------------------------------------------------------------------------------------
     def step_dir(self, s: int) -> Path:
@@ -110,13 +112,16 @@ class Run:
         return self._kv
 
     def stopped_before(self, s: int) -> bool:
-        """True when an earlier step ended the run (end-of-sequence token), so step s must not run."""
-        stops = set(self.settings.stop_token_ids)
-        for prev in range(len(self.chunks) - 1, s):
-            token_file = self.step_dir(prev) / "next_token_id.txt"
-            if token_file.exists() and read_token(token_file) in stops:
-                return True
-        return False
+        """True when an earlier step ended the run (end-of-sequence token), so step s must not run.
+
+        Memoized per step: a step's answer is asked only after every earlier step finished in this process."""
+        if not self.settings.stop_token_ids or s < len(self.chunks):
+            return False
+        if s not in self._stopped:
+            token_file = self.step_dir(s - 1) / "next_token_id.txt"
+            ended = token_file.exists() and read_token(token_file) in self.settings.stop_token_ids
+            self._stopped[s] = ended or self.stopped_before(s - 1)
+        return self._stopped[s]
 
     # -- actions -------------------------------------------------------------------------------------------------
     def prepare(self):
@@ -131,7 +136,8 @@ class Run:
         from_step = 0 if p.reset_kv else p.from_step
         if run_json.exists():
             old = load_model_file(run_json, RunSettings)
-            fixed = ("prompt", "chat", "no_think", "prompt_token_ids", "onnx_fingerprint", "backend", "ignore_eos")
+            fixed = ("prompt", "chat", "no_think", "prompt_token_ids", "onnx_fingerprint", "backend", "ignore_eos",
+                     "full_logits")
             changed = [f for f in fixed if getattr(old, f) != getattr(self.settings, f)]
             if old.sampling != self.settings.sampling:
                 changed.append("sampling")
@@ -176,7 +182,8 @@ class Run:
     def output(self, s: int):
         if self.stopped_before(s):
             return
-        meta = stage_ops.output(self.backend, StepPaths(self.step_dir(s)), None, None, self.tokenizer.token_text)
+        meta = stage_ops.output(self.backend, StepPaths(self.step_dir(s)), None, None, self.tokenizer.token_text,
+                                self.params.full_logits)
         if meta.next_token_id is not None:
             if s == len(self.chunks) - 1:
                 print(self.settings.prompt, end="", flush=True)
@@ -299,4 +306,5 @@ def open_run(params: dict) -> Run:
                          sampling=sampling, chat=bool(params.get("chat")), no_think=bool(params.get("no_think")),
                          backend=params.get("backend") or "onnx", ignore_eos=bool(params.get("ignore_eos")),
                          from_step=None if from_step is None or from_step < 0 else from_step,
-                         clean=bool(params.get("clean")), reset_kv=bool(params.get("reset_kv"))))
+                         clean=bool(params.get("clean")), reset_kv=bool(params.get("reset_kv")),
+                         full_logits=bool(params.get("full_logits"))))

@@ -71,7 +71,16 @@ class CheckpointWeights:
             if not path.exists():
                 raise StagepipeError(f"{path}: shard named in the index is missing; re-download the checkpoint")
             header, data_start = read_header(path)
+            size = path.stat().st_size
             for name, info in header.items():
+                try:
+                    begin, end = (int(v) for v in info["data_offsets"])
+                    ok = 0 <= begin <= end and data_start + end <= size
+                except (KeyError, TypeError, ValueError):
+                    ok = False
+                if not ok:  # a truncated file would otherwise fail later, deep inside np.memmap
+                    raise StagepipeError(f"{path}: tensor '{name}' lies outside the file ({size} bytes); "
+                                         "the file is truncated or corrupt; re-download it")
                 self._entries[name] = (path, info, data_start)
 
     def names(self) -> list[str]:

@@ -126,15 +126,18 @@ def block(backend: Backend, paths: StepPaths, k: int, past_key: np.ndarray, past
 
 
 def output(backend: Backend, paths: StepPaths, sampling: SamplingSettings | None = None,
-           hidden_in: Path | None = None, token_text=None) -> StepMeta:
-    """Final norm + lm_head; samples the next token from the last real row (unless a prompt chunk follows)."""
+           hidden_in: Path | None = None, token_text=None, full_logits: bool = False) -> StepMeta:
+    """Final norm + lm_head; samples the next token from the last real row (unless a prompt chunk follows).
+
+    A prefill step computes logits for its last real row only (through the T=1 graph), as generation needs;
+    full_logits=True runs the prefill graph on all T rows, for comparing every position."""
     m = backend.manifest
     meta = load_meta(paths.meta)
     _check_meta(meta, backend, paths.meta)
     if sampling is not None and sampling != meta.sampling:
         meta.sampling = check_sampling(sampling)
     hidden_in = Path(hidden_in or paths.hidden(len(m.blocks)))
-    inputs_digest = digest(hidden_in, meta.sampling.model_dump_json(), meta.sample_next)
+    inputs_digest = digest(hidden_in, meta.sampling.model_dump_json(), meta.sample_next, full_logits)
     rec = meta.stages.get("output")
     done = paths.logits.exists() and (not meta.sample_next or paths.next_token_file.exists())
     if rec and rec.inputs_digest == inputs_digest and done:
@@ -142,11 +145,13 @@ def output(backend: Backend, paths: StepPaths, sampling: SamplingSettings | None
     started = time.perf_counter()
     T, H = _graph_T(backend, meta), m.model.hidden_size
     dtype = np.float16 if m.precision == "fp16" else np.float32
-    logits = backend.output(load_tensor(hidden_in, (1, T, H), dtype, "hidden states"))
+    hidden = load_tensor(hidden_in, (1, T, H), dtype, "hidden states")
+    last_row = T > 1 and not full_logits
+    logits = backend.output(hidden[:, meta.q_len - 1:meta.q_len] if last_row else hidden)
     write_npy(paths.logits, logits)
     meta.next_token_id = None
     if meta.sample_next:
-        token = sample(logits[0, meta.q_len - 1], meta.sampling, meta.step)
+        token = sample(logits[0, -1 if last_row else meta.q_len - 1], meta.sampling, meta.step)
         write_text(paths.next_token_file, f"{token}\n")
         write_text(paths.next_token_text, token_text(token) if token_text else f"<{token}>")
         meta.next_token_id = token

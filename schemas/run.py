@@ -34,6 +34,7 @@ class RunSettings(Strict):
     backend: str = "onnx"
     max_new_tokens: int = Field(ge=1)
     ignore_eos: bool = False
+    full_logits: bool = False  # prefill steps keep logits for all T rows, not just the last
     stop_token_ids: list[int] = []
     sampling: SamplingSettings
 

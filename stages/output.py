@@ -16,13 +16,14 @@ def main(argv=None):
     p.add_argument("--hidden_in", type=Path, default=None, help="default STEP_DIR/hidden_block{N}.npy")
     p.add_argument("--logits", type=Path, default=None, help="default STEP_DIR/logits.npy")
     p.add_argument("--next_token_file", type=Path, default=None, help="default STEP_DIR/next_token_id.txt")
+    p.add_argument("--full_logits", action="store_true", help="prefill: logits for all T rows, not just the last")
     add_sampling_args(p)
     a = p.parse_args(argv)
     backend = open_backend(a)
     paths = step_paths(a, logits=a.logits, next_token_file=a.next_token_file)
     sampling = sampling_from_args(a, base=load_meta(paths.meta).sampling)
     tok = load_optional_tokenizer(a.onnx_dir)
-    meta = output(backend, paths, sampling, a.hidden_in, tok.token_text if tok else None)
+    meta = output(backend, paths, sampling, a.hidden_in, tok.token_text if tok else None, a.full_logits)
     if meta.next_token_id is None:
         print(f"{a.step_dir}: logits written (prompt chunk: the next step takes more prompt tokens)")
     else:

@@ -1,0 +1,748 @@
+"""Time run_auto against the in-memory loop, the by-hand stage processes and onnxruntime-genai, on one checkpoint.
+
+    python -m benchmarks.bench [--small | --model_path CKPT] [--new_tokens 32] [--precision fp32] [...]
+    doit bench [--small] [--model_path CKPT] [--new_tokens 32] [--precision fp32]
+
+Default checkpoint: a random-weight bf16 checkpoint shaped like Qwen3-0.6B (models/bench-qwen3-0.6b, written if
+missing); --small uses the tiny demo checkpoint (models/demo-qwen3) for a quick smoke run. The checkpoint is
+converted to onnx/bench-... unless that folder is current. Then, for one prompt of --prompt_len tokens and
+--new_tokens greedy new tokens (end-of-sequence ignored), each method runs in a fresh child process:
+
+  run_auto    the real `python -m doit -f dodo.py run_auto ... --clean --ignore_eos` command; TTFT and decode tok/s
+              from its summary.json (stage seconds as run_auto records them), plus the command's wall clock and
+              the rates seen from outside (step file times, so doit/hashing/file overhead included)
+  in-memory   pipeline.generate.generate with OnnxBackend; sessions created first and timed apart
+  by-hand     one `python -m stages.*` process per stage per step (the README's by-hand path) for the prompt
+              step and --hand_steps decode steps; decode tok/s is extrapolated from those steps
+  genai       onnxruntime-genai (optional extra), its model built from the same checkpoint by its model builder
+              (fp32 and int4), greedy search with min_length = max_length so it runs all the new tokens
+
+Peak RSS is each child's own (os.wait4's rusage of that child, which also covers the processes it waited for),
+so one method's peak never leaks into another's: getrusage(RUSAGE_CHILDREN) in the parent would report the
+maximum over all children so far. Results: a table on stdout and runs/bench/bench.json.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # python benchmarks/bench.py
+    sys.path.insert(0, str(REPO))
+
+from pipeline.atomic import write_json  # noqa: E402
+from pipeline.errors import StagepipeError, cli_entry  # noqa: E402
+
+BENCH_MODEL = Path("models/bench-qwen3-0.6b")
+RUN_ROOT = Path("runs/bench")
+MIB = 1 << 20
+GENAI_EXTRA = ('genai = ["onnxruntime-genai>=0.18", "onnx-ir>=0.1", "torch>=2.2", "transformers>=4.51"]  '
+               "(onnx-ir, torch and transformers are needed only by its model builder)")
+PROMPT_SOURCE = ("Large language models are neural networks trained on vast amounts of text to predict the next "
+                 "word in a sentence. They learn grammar, facts about the world and some reasoning ability, and "
+                 "can write, translate, summarize and answer questions about almost anything you ask them. Most "
+                 "of them are built from a stack of transformer decoder layers that attend to earlier tokens.")
+
+# Qwen3-0.6B's shape (its config.json), random weights
+BENCH_SHAPE = {"hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 16,
+               "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936}
+BENCH_SEED_KEY = "stagepipe_bench_seed"
+
+
+# -- the checkpoint ----------------------------------------------------------------------------------------------
+def bench_config(seed: int = 0) -> dict:
+    from pipeline.demo_model import SEED_KEY, VERSION_KEY, demo_config
+
+    cfg = demo_config(seed)
+    cfg.pop(SEED_KEY)
+    cfg.pop(VERSION_KEY)
+    cfg.update(BENCH_SHAPE)
+    cfg["layer_types"] = ["full_attention"] * BENCH_SHAPE["num_hidden_layers"]
+    cfg["max_window_layers"] = BENCH_SHAPE["num_hidden_layers"]
+    cfg[BENCH_SEED_KEY] = int(seed)
+    return cfg
+
+
+def bench_weights(seed: int = 0) -> dict[str, np.ndarray]:
+    """Random float32 weights with the demo model's recipe (pipeline.demo_model) at Qwen3-0.6B's shape."""
+    from pipeline.demo_model import LINEAR_GAIN, NORM_NOISE
+
+    s = BENCH_SHAPE
+    H, I, D, V = s["hidden_size"], s["intermediate_size"], s["head_dim"], s["vocab_size"]
+    NH, KV = s["num_attention_heads"], s["num_key_value_heads"]
+    rng = np.random.default_rng(seed)
+
+    def linear(out_f, in_f):
+        w = rng.standard_normal((out_f, in_f), dtype=np.float32)
+        w *= np.float32(LINEAR_GAIN / math.sqrt(in_f))
+        return w
+
+    def norm(n):
+        return (1.0 + NORM_NOISE * rng.standard_normal(n, dtype=np.float32)).astype(np.float32)
+
+    weights = {"model.embed_tokens.weight": rng.standard_normal((V, H), dtype=np.float32)}
+    for i in range(s["num_hidden_layers"]):
+        p = f"model.layers.{i}."
+        weights.update({
+            p + "input_layernorm.weight": norm(H),
+            p + "self_attn.q_proj.weight": linear(NH * D, H),
+            p + "self_attn.k_proj.weight": linear(KV * D, H),
+            p + "self_attn.v_proj.weight": linear(KV * D, H),
+            p + "self_attn.o_proj.weight": linear(H, NH * D),
+            p + "self_attn.q_norm.weight": norm(D),
+            p + "self_attn.k_norm.weight": norm(D),
+            p + "post_attention_layernorm.weight": norm(H),
+            p + "mlp.gate_proj.weight": linear(I, H),
+            p + "mlp.up_proj.weight": linear(I, H),
+            p + "mlp.down_proj.weight": linear(H, I),
+        })
+    weights["model.norm.weight"] = norm(H)
+    return weights
+
+
+def write_bench_checkpoint(out_dir, seed: int = 0) -> bool:
+    """A Qwen3-0.6B-shaped random bf16 checkpoint with the Qwen3 tokenizer; False if out_dir already has one."""
+    from pipeline.demo_model import demo_generation_config
+    from pipeline.safetensors_io import save_safetensors
+    from pipeline.tokenizer import write_qwen3_tokenizer
+
+    out_dir = Path(out_dir)
+    if (out_dir / "config.json").exists() and (out_dir / "model.safetensors").exists():
+        return False
+    if out_dir.exists() and any(out_dir.iterdir()):
+        raise StagepipeError(f"{out_dir}: exists without config.json/model.safetensors; remove it or pass --model_path")
+    tmp = out_dir.parent / f".{out_dir.name}.writing-{os.getpid()}"
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    try:
+        write_qwen3_tokenizer(tmp)
+        save_safetensors(tmp / "model.safetensors", bench_weights(seed), bf16=True)
+        write_json(tmp / "generation_config.json", demo_generation_config())
+        write_json(tmp / "config.json", bench_config(seed))
+        if out_dir.exists():
+            out_dir.rmdir()
+        os.rename(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return True
+
+
+def _checkpoint_writer():
+    """benchmarks/convert_bench.py's writer when that module has one (the same checkpoint), else ours."""
+    try:
+        from benchmarks import convert_bench
+    except ImportError:
+        return write_bench_checkpoint
+    for name in ("write_bench_checkpoint", "write_random_checkpoint", "write_checkpoint"):
+        fn = getattr(convert_bench, name, None)
+        if callable(fn):
+            return fn
+    return write_bench_checkpoint
+
+
+def ensure_checkpoint(a, log) -> Path:
+    if a.small:
+        from pipeline.demo_model import write_demo_checkpoint
+        from pipeline.model_source import DEMO_MODEL
+
+        if write_demo_checkpoint(DEMO_MODEL):
+            log(f"wrote the demo checkpoint to {DEMO_MODEL}")
+        return DEMO_MODEL
+    path = Path(a.model_path) if a.model_path else BENCH_MODEL
+    if not (path / "config.json").exists():
+        if a.model_path and path != BENCH_MODEL:
+            raise StagepipeError(f"--model_path {path}: no config.json there")
+        log(f"writing a random Qwen3-0.6B-shaped bf16 checkpoint to {path} ...")
+        t = time.perf_counter()
+        _checkpoint_writer()(path)
+        log(f"  done in {time.perf_counter() - t:.1f}s")
+    return path
+
+
+# -- child processes ---------------------------------------------------------------------------------------------
+@dataclass
+class Child:
+    rc: int
+    wall_s: float
+    peak_rss_mib: float
+    log: Path
+    started_at: float  # time.time() just before the child was started
+
+    def tail(self, n=15) -> str:
+        try:
+            return "\n".join(self.log.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+
+def run_child(cmd: list, log_path: Path, timeout_s: float, env=None) -> Child:
+    """Run cmd in the repo with output to log_path; its wall time and its own peak RSS (os.wait4 rusage)."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "wb") as out:
+        started_at = time.time()
+        t0 = time.perf_counter()
+        proc = subprocess.Popen([str(c) for c in cmd], cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env,
+                                start_new_session=True)
+
+        def kill():
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(proc.pid, signal.SIGKILL)
+
+        timer = threading.Timer(timeout_s, kill)
+        timer.daemon = True
+        timer.start()
+        try:
+            _, status, usage = os.wait4(proc.pid, 0)
+        except BaseException:
+            kill()
+            proc.wait()
+            raise
+        finally:
+            timer.cancel()
+        wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    return Child(proc.returncode, wall, usage.ru_maxrss / 1024, log_path, started_at)  # ru_maxrss: KiB
+
+
+def _require_ok(child: Child, what: str):
+    if child.rc != 0:
+        raise StagepipeError(f"{what} failed (exit {child.rc}); last lines of {child.log}:\n{child.tail()}")
+
+
+# -- model folders -----------------------------------------------------------------------------------------------
+def onnx_dir_for(model_path: Path, a) -> Path:
+    kv = {"float16": "kv16", "float32": "kv32"}[a.kv_dtype]
+    blocks = f"-b{a.blocks}" if a.blocks else ""
+    return Path("onnx") / f"bench-{model_path.name}-{a.precision}-{kv}-T{a.max_input_len}-C{a.max_cache_len}{blocks}"
+
+
+def ensure_onnx(model_path: Path, onnx_dir: Path, a, log) -> dict:
+    from pipeline.manifest_io import load_manifest
+    from pipeline.model_source import staleness
+
+    wanted = {"max_input_len": a.max_input_len, "max_cache_len": a.max_cache_len, "precision": a.precision,
+              "kv_dtype": a.kv_dtype}
+    reason = staleness(onnx_dir, model_path, wanted)
+    if reason is None and a.blocks and len(load_manifest(onnx_dir).blocks) != a.blocks:
+        reason = f"not {a.blocks} blocks"
+    if reason is None:
+        log(f"{onnx_dir} is current")
+        return {"converted": False}
+    log(f"converting {model_path} -> {onnx_dir} ({reason}) ...")
+    cmd = [sys.executable, "-m", "pipeline.convert", "--model_path", model_path, "--onnx_dir", onnx_dir,
+           "--max_input_len", a.max_input_len, "--max_cache_len", a.max_cache_len, "--precision", a.precision,
+           "--kv_dtype", a.kv_dtype] + (["--blocks", a.blocks] if a.blocks else [])
+    child = run_child(cmd, RUN_ROOT / "logs" / "convert.log", a.timeout)
+    _require_ok(child, "pipeline.convert")
+    log(f"  converted in {child.wall_s:.1f}s, peak RSS {child.peak_rss_mib:.0f} MiB")
+    return {"converted": True, "convert_s": child.wall_s, "convert_peak_rss_mib": child.peak_rss_mib}
+
+
+def model_sizes(onnx_dir: Path) -> dict:
+    """Weight bytes of the graphs (each .data file once: decode/ links prefill/'s) and the run's KV cache bytes."""
+    from pipeline.kv_cache import block_shape
+    from pipeline.manifest_io import load_manifest
+
+    m = load_manifest(onnx_dir)
+    data_files, graph_files = {}, 0
+    for stages in m.graphs.values():
+        for spec in stages.values():
+            graph_files += (onnx_dir / spec.file).stat().st_size
+            for rel in spec.weights_files:
+                data_files[Path(rel).name] = (onnx_dir / rel).stat().st_size
+    itemsize = np.dtype(m.kv_dtype).itemsize
+    kv = sum(2 * math.prod(block_shape(m, k)) * itemsize for k in range(len(m.blocks)))
+    return {"weights_bytes": sum(data_files.values()), "kv_cache_bytes": kv, "graph_proto_bytes": graph_files,
+            "weights_files": data_files, "blocks": len(m.blocks), "precision": m.precision, "kv_dtype": m.kv_dtype,
+            "max_input_len": m.max_input_len, "max_cache_len": m.max_cache_len,
+            "layers": m.model.num_layers, "hidden_size": m.model.hidden_size, "vocab_size": m.model.vocab_size}
+
+
+def make_prompt(onnx_dir: Path, n: int) -> tuple[str, list[int]]:
+    """A plain-English prompt of exactly n tokens (the text round-trips to the same ids)."""
+    from pipeline.tokenizer import Tokenizer
+
+    tok = Tokenizer.load(onnx_dir)
+    words = " ".join([PROMPT_SOURCE] * (1 + n // 40)).split()
+    for k in range(1, len(words) + 1):
+        text = " ".join(words[:k])
+        ids = tok.encode(text)
+        if len(ids) == n:
+            return text, ids
+        if len(ids) > n:
+            break
+    ids = tok.encode(" ".join(words))[:n]
+    text = tok.decode(ids)
+    if tok.encode(text) != ids:
+        raise StagepipeError(f"could not make a {n}-token prompt; try another --prompt_len")
+    return text, ids
+
+
+# -- methods -----------------------------------------------------------------------------------------------------
+def _step_dirs(root: Path) -> list[Path]:
+    return sorted(d for d in root.glob("step_*") if d.is_dir())
+
+
+def bench_run_auto(ctx) -> dict:
+    a, root = ctx["args"], RUN_ROOT / "run_auto"
+    cmd = [sys.executable, "-m", "doit", "-f", "dodo.py", "run_auto", "--onnx_dir", ctx["onnx_dir"],
+           "--run_root", root, "--clean", "--ignore_eos", "--steps", a.new_tokens, "--prompt", ctx["prompt"]]
+    child = run_child(cmd, RUN_ROOT / "logs" / "run_auto.log", a.timeout)
+    _require_ok(child, "doit run_auto")
+    s = json.loads((root / "summary.json").read_text())
+    if s["prompt_token_ids"] != ctx["prompt_ids"]:
+        raise StagepipeError(f"run_auto tokenized the prompt to {len(s['prompt_token_ids'])} other ids")
+    n_chunks = -(-len(ctx["prompt_ids"]) // ctx["sizes"]["max_input_len"])
+    stage_s: dict[str, list[float]] = {}
+    step_s, token_times = [], []
+    for d in _step_dirs(root):
+        meta = json.loads((d / "meta.json").read_text())
+        seconds = {k: v["seconds"] for k, v in meta["stages"].items()}
+        step_s.append(sum(seconds.values()))
+        if int(d.name[5:]) >= n_chunks:
+            for k, v in seconds.items():
+                stage_s.setdefault(k, []).append(v)
+        if (d / "next_token_id.txt").exists():
+            token_times.append((d / "next_token_id.txt").stat().st_mtime)
+    decode = step_s[n_chunks:]
+    steady = decode[1:]  # the first decode step also creates the decode graphs' sessions
+    out = {"ttft_s": s["time_to_first_token_s"], "decode_tok_s": s["decode_tokens_per_s"],
+           "peak_rss_mib": child.peak_rss_mib, "wall_s": child.wall_s, "tokens": s["generated_token_ids"],
+           "stop_reason": s["stop_reason"], "steps": s["steps"],
+           "first_decode_step_s": decode[0] if decode else None,
+           "steady_decode_tok_s": len(steady) / sum(steady) if steady and sum(steady) > 0 else None,
+           "decode_stage_mean_s": {k: float(np.mean(v)) for k, v in stage_s.items()},
+           "decode_stage_mean_s_excl_first": {k: float(np.mean(v[1:])) for k, v in stage_s.items() if len(v) > 1},
+           "note": "TTFT and decode tok/s: summary.json (sum of stage seconds; sessions are created lazily "
+                   "inside the first prefill/decode step's stage timers)"}
+    if len(token_times) >= 2:  # from outside: the times next_token_id.txt files were written
+        out["wall_ttft_s"] = token_times[0] - child.started_at
+        out["wall_decode_tok_s"] = (len(token_times) - 1) / (token_times[-1] - token_times[0])
+        per_step = np.diff(token_times)
+        out["wall_decode_step_s"] = float(np.mean(per_step))
+        if len(per_step) > 1:
+            out["wall_steady_decode_tok_s"] = float(len(per_step) - 1) / float(np.sum(per_step[1:]))
+    return out
+
+
+def _worker_cmd(kind: str, spec: dict, name: str) -> tuple[list, Path]:
+    spec_path = RUN_ROOT / "work" / f"{name}.spec.json"
+    spec = dict(spec, result=str(RUN_ROOT / "work" / f"{name}.result.json"))
+    Path(spec["result"]).unlink(missing_ok=True)
+    write_json(spec_path, spec)
+    return [sys.executable, "-m", "benchmarks.bench", "--worker", kind, "--spec", spec_path], Path(spec["result"])
+
+
+def bench_in_memory(ctx) -> dict:
+    a = ctx["args"]
+    cmd, result = _worker_cmd("inmemory", {"onnx_dir": str(ctx["onnx_dir"]), "prompt_ids": ctx["prompt_ids"],
+                                           "new_tokens": a.new_tokens, "threads": a.threads}, "in_memory")
+    child = run_child(cmd, RUN_ROOT / "logs" / "in_memory.log", a.timeout)
+    _require_ok(child, "in-memory worker")
+    return {**json.loads(result.read_text()), "peak_rss_mib": child.peak_rss_mib, "wall_s": child.wall_s}
+
+
+def bench_by_hand(ctx) -> dict:
+    """The README's by-hand commands: one process per stage per step, for the prompt and a few decode steps."""
+    a, onnx_dir = ctx["args"], ctx["onnx_dir"]
+    root = RUN_ROOT / "by_hand"
+    shutil.rmtree(root, ignore_errors=True)
+    root.mkdir(parents=True)
+    ids_file = root / "prompt_ids.txt"
+    ids_file.write_text(" ".join(map(str, ctx["prompt_ids"])) + "\n")
+    T, n_blocks = ctx["sizes"]["max_input_len"], ctx["sizes"]["blocks"]
+    n_prompt = len(ctx["prompt_ids"])
+    n_chunks = -(-n_prompt // T)
+    decode_steps = max(0, min(a.hand_steps, a.new_tokens - 1))
+    common = ["--onnx_dir", onnx_dir]
+    step_walls, peak, stage_walls, tokens = [], 0.0, {}, []
+    for s in range(n_chunks + decode_steps):
+        step = root / f"step_{s:04d}"
+        if s < n_chunks:
+            embed = ["--past_len", s * T, "--tokens_file", ids_file]
+        else:
+            embed = ["--past_len", n_prompt + s - n_chunks, "--prev_step", root / f"step_{s - 1:04d}"]
+        procs = [("embed", "token_embed", embed)]
+        procs += [(f"block{k}", "block", ["--block", k, "--kv_dir", root / "kv_cache"]) for k in range(n_blocks)]
+        procs.append(("output", "output", []))
+        wall = 0.0
+        for name, module, args in procs:
+            child = run_child([sys.executable, "-m", f"stages.{module}", "--step_dir", step, *common, *args],
+                              RUN_ROOT / "logs" / "by_hand" / f"{step.name}_{name}.log", a.timeout)
+            _require_ok(child, f"stages.{module} ({step.name})")
+            wall += child.wall_s
+            peak = max(peak, child.peak_rss_mib)
+            if s >= n_chunks:
+                stage_walls.setdefault(name, []).append(child.wall_s)
+        step_walls.append(wall)
+        if (step / "next_token_id.txt").exists():
+            tokens.append(int((step / "next_token_id.txt").read_text().split()[0]))
+    decode_wall = sum(step_walls[n_chunks:])
+    return {"ttft_s": sum(step_walls[:n_chunks]), "decode_tok_s": decode_steps / decode_wall if decode_wall else None,
+            "peak_rss_mib": peak, "wall_s": sum(step_walls), "tokens": tokens, "decode_steps_timed": decode_steps,
+            "processes": len(step_walls) * (n_blocks + 2),
+            "decode_stage_mean_s": {k: float(np.mean(v)) for k, v in stage_walls.items()},
+            "note": f"one process per stage per step; decode tok/s extrapolated from {decode_steps} decode steps; "
+                    "peak RSS is the largest single stage process"}
+
+
+def stage_hf_dir(model_path: Path) -> Path:
+    """The checkpoint as the genai builder reads it: links to its files, plus Qwen3 tokenizer files if it has none."""
+    from pipeline.tokenizer import write_qwen3_tokenizer
+
+    src = RUN_ROOT / "genai_src" / model_path.name
+    shutil.rmtree(src, ignore_errors=True)
+    src.mkdir(parents=True)
+    for f in sorted(model_path.iterdir()):
+        if f.is_file() and not f.name.startswith("."):
+            os.symlink(f.resolve(), src / f.name)
+    if not (src / "tokenizer.json").exists():
+        write_qwen3_tokenizer(src)
+    return src
+
+
+def _source_stamp(model_path: Path, precision: str) -> dict:
+    files = sorted(p for p in model_path.iterdir() if p.suffix in (".json", ".safetensors") and p.is_file())
+    return {"source": str(model_path.resolve()), "precision": precision,
+            "files": {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files}}
+
+
+def ensure_genai_model(model_path: Path, precision: str, a, log) -> tuple[Path, dict]:
+    out = Path("onnx") / f"bench-genai-{model_path.name}-{precision}"
+    stamp_path = out / "stagepipe_bench_source.json"
+    stamp = _source_stamp(model_path, precision)
+    if stamp_path.exists() and json.loads(stamp_path.read_text()) == stamp:
+        log(f"{out} is current")
+        return out, {"built": False}
+    log(f"building the onnxruntime-genai model {out} ({precision}) with its model builder ...")
+    src = stage_hf_dir(model_path)
+    tmp = out.parent / f".{out.name}.building"
+    shutil.rmtree(tmp, ignore_errors=True)
+    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", src, "-o", tmp, "-p", precision,
+           "-e", "cpu", "-c", RUN_ROOT / "genai_cache"]
+    child = run_child(cmd, RUN_ROOT / "logs" / f"genai_build_{precision}.log", a.timeout)
+    _require_ok(child, f"onnxruntime-genai model builder ({precision})")
+    write_json(tmp / stamp_path.name, stamp)
+    shutil.rmtree(out, ignore_errors=True)
+    os.rename(tmp, out)
+    size = sum(p.stat().st_size for p in out.iterdir() if p.name.startswith("model.onnx"))
+    log(f"  built in {child.wall_s:.1f}s (peak RSS {child.peak_rss_mib:.0f} MiB, model {size / MIB:.0f} MiB)")
+    return out, {"built": True, "build_s": child.wall_s, "build_peak_rss_mib": child.peak_rss_mib}
+
+
+def bench_genai(ctx, precision: str) -> dict:
+    a, log = ctx["args"], ctx["log"]
+    genai_dir, build = ensure_genai_model(ctx["model_path"], precision, a, log)
+    cmd, result = _worker_cmd("genai", {"genai_dir": str(genai_dir), "prompt_ids": ctx["prompt_ids"],
+                                        "new_tokens": a.new_tokens}, f"genai_{precision}")
+    child = run_child(cmd, RUN_ROOT / "logs" / f"genai_{precision}.log", a.timeout)
+    _require_ok(child, f"genai {precision} worker")
+    size = sum(p.stat().st_size for p in genai_dir.iterdir() if p.name.startswith("model.onnx"))
+    return {**json.loads(result.read_text()), "peak_rss_mib": child.peak_rss_mib, "wall_s": child.wall_s,
+            "model_dir": str(genai_dir), "model_bytes": size, **build}
+
+
+# -- workers (run inside the child processes) --------------------------------------------------------------------
+def worker_in_memory(spec: dict) -> dict:
+    from pipeline.backends import OnnxBackend
+    from pipeline.generate import generate
+    from pipeline.sampling import SamplingSettings
+
+    t = time.perf_counter()
+    backend = OnnxBackend(Path(spec["onnx_dir"]), threads=spec.get("threads", 0))
+    m = backend.manifest
+    for mode in ("prefill", "decode"):
+        for stage in m.stage_names():
+            backend.session(mode, stage)
+    session_s = time.perf_counter() - t
+    stamps = []
+    timed_output = backend.output
+
+    def output(hidden):
+        logits = timed_output(hidden)
+        stamps.append(time.perf_counter())
+        return logits
+
+    backend.output = output
+    ids = spec["prompt_ids"]
+    t0 = time.perf_counter()
+    tokens = generate(backend, ids, spec["new_tokens"], SamplingSettings(greedy=True), stop_ids=frozenset())
+    t_end = time.perf_counter()
+    n_chunks = -(-len(ids) // m.max_input_len)
+    first = stamps[n_chunks - 1]
+    decode_s = t_end - first
+    return {"ttft_s": first - t0, "decode_tok_s": (len(tokens) - 1) / decode_s if len(tokens) > 1 else None,
+            "setup_s": session_s, "tokens": tokens,
+            "note": "sessions (prefill + decode graphs) created before timing; setup_s is that"}
+
+
+def worker_genai(spec: dict) -> dict:
+    import onnxruntime_genai as og
+
+    t = time.perf_counter()
+    model = og.Model(spec["genai_dir"])
+    load_s = time.perf_counter() - t
+    ids, n = spec["prompt_ids"], spec["new_tokens"]
+    total = len(ids) + n
+    t0 = time.perf_counter()
+    params = og.GeneratorParams(model)
+    params.set_search_options(do_sample=False, max_length=total, min_length=total)
+    gen = og.Generator(model, params)
+    gen.append_tokens(np.asarray([ids], dtype=np.int32))  # the prompt's forward pass
+    gen.generate_next_token()  # picks the first new token from those logits
+    t1 = time.perf_counter()
+    while not gen.is_done():
+        gen.generate_next_token()  # forward pass of the previous token, then pick the next
+    t2 = time.perf_counter()
+    tokens = [int(x) for x in gen.get_sequence(0)[len(ids):]]
+    return {"ttft_s": t1 - t0, "decode_tok_s": (len(tokens) - 1) / (t2 - t1) if len(tokens) > 1 else None,
+            "setup_s": load_s, "tokens": tokens, "genai_version": getattr(og, "__version__", "?"),
+            "note": "og.Model load timed apart (setup_s); greedy, min_length = max_length"}
+
+
+WORKERS = {"inmemory": worker_in_memory, "genai": worker_genai}
+
+
+# -- report ------------------------------------------------------------------------------------------------------
+def _f(x, fmt="{:.3f}"):
+    return "-" if x is None else fmt.format(x)
+
+
+def _ratio(a, b):
+    return a / b if a is not None and b else None
+
+
+def _fx(x):
+    return "-" if x is None else f"{x:.3f}x" if x < 0.1 else f"{x:.2f}x"
+
+
+def _agree(tokens, ref) -> str:
+    if not tokens or not ref:
+        return "-"
+    n = min(len(tokens), len(ref))
+    same = next((i for i in range(n) if tokens[i] != ref[i]), n)
+    return f"{same}/{n}"
+
+
+def report(results: dict, sizes: dict, lines: list):
+    ra = results.get("run_auto", {})
+    gf = results.get("genai_fp32", {})
+    rows = []
+    labels = {"run_auto": "run_auto (doit, summary.json)", "in_memory": "in-memory generate()",
+              "by_hand": "by-hand stage processes", "genai_fp32": "onnxruntime-genai fp32",
+              "genai_int4": "onnxruntime-genai int4"}
+    for key, label in labels.items():
+        r = results.get(key)
+        if r is None:
+            continue
+        if "error" in r or "skipped" in r:
+            rows.append((label, r.get("error") or r.get("skipped")))
+            continue
+        if key == "by_hand":
+            label += f" ({r['decode_steps_timed']} decode steps, extrapolated)"
+        rows.append((label, r))
+        if key == "run_auto" and "wall_decode_tok_s" in r:
+            rows.append(("run_auto, seen from outside (file times)",
+                         {"ttft_s": r["wall_ttft_s"], "decode_tok_s": r["wall_decode_tok_s"],
+                          "peak_rss_mib": None, "wall_s": None, "tokens": None}))
+    header = (f"{'method':<56} {'TTFT s':>8} {'decode tok/s':>12} {'peak RSS MiB':>12} {'wall s':>8} {'setup s':>8}"
+              f" {'tok/s vs genai':>14} {'TTFT vs genai':>13} {'tokens=run_auto':>15}")
+    lines += [header, "-" * len(header)]
+    for label, r in rows:
+        if isinstance(r, str):
+            lines.append(f"{label:<56} {r}")
+            continue
+        lines.append(f"{label:<56} {_f(r['ttft_s']):>8} {_f(r['decode_tok_s'], '{:.2f}'):>12} "
+                     f"{_f(r['peak_rss_mib'], '{:.0f}'):>12} {_f(r.get('wall_s'), '{:.1f}'):>8} "
+                     f"{_f(r.get('setup_s'), '{:.2f}'):>8} "
+                     f"{_fx(_ratio(r['decode_tok_s'], gf.get('decode_tok_s'))):>14} "
+                     f"{_fx(_ratio(r['ttft_s'], gf.get('ttft_s'))):>13} "
+                     f"{_agree(r.get('tokens'), ra.get('tokens')):>15}")
+    w, kv = sizes["weights_bytes"], sizes["kv_cache_bytes"]
+    lines += ["", f"graph weights {w / MIB:.0f} MiB (each .data file once) + KV cache {kv / MIB:.0f} MiB "
+                  f"({sizes['blocks']} blocks, C={sizes['max_cache_len']}, {sizes['kv_dtype']}) = "
+                  f"{(w + kv) / MIB:.0f} MiB; 1.3x = {1.3 * (w + kv) / MIB:.0f} MiB"]
+    if "steady_decode_tok_s" in ra:
+        lines.append(f"run_auto: first decode step {_f(ra['first_decode_step_s'])}s (creates the decode sessions); "
+                     f"decode excluding it {_f(ra['steady_decode_tok_s'], '{:.2f}')} tok/s (stage seconds), "
+                     f"{_f(ra.get('wall_steady_decode_tok_s'), '{:.2f}')} tok/s (file times)")
+        per = ra.get("decode_stage_mean_s_excl_first") or ra["decode_stage_mean_s"]
+        lines.append("run_auto decode stage seconds (mean, excl. first decode step): "
+                     + ", ".join(f"{k} {v * 1000:.1f}ms" for k, v in per.items())
+                     + f"; step total {sum(per.values()) * 1000:.1f}ms vs {_f(ra.get('wall_decode_step_s'), '{:.4f}')}"
+                     "s per step seen from outside")
+    bh = results.get("by_hand", {})
+    if "decode_stage_mean_s" in bh:
+        lines.append("by-hand decode process wall seconds (mean): "
+                     + ", ".join(f"{k} {v:.2f}s" for k, v in bh["decode_stage_mean_s"].items()))
+    targets = {}
+
+    def target(name, ok, text):
+        targets[name] = {"met": ok, "detail": text}
+        lines.append(f"  [{'MET' if ok else 'NOT MET' if ok is False else 'n/a'}] {name}: {text}")
+
+    lines += ["", "targets:"]
+    rd, gd = ra.get("decode_tok_s"), gf.get("decode_tok_s")
+    if rd and gd:
+        target("decode", rd >= 0.9 * gd, f"run_auto {rd:.2f} tok/s vs 0.9 x genai fp32 {gd:.2f} = {0.9 * gd:.2f}")
+    else:
+        target("decode", None, "needs run_auto and genai fp32 results")
+    rt, gt = ra.get("ttft_s"), gf.get("ttft_s")
+    if rt and gt:
+        target("ttft", rt <= 1.2 * gt, f"run_auto {rt:.3f}s vs 1.2 x genai fp32 {gt:.3f}s = {1.2 * gt:.3f}s")
+    else:
+        target("ttft", None, "needs run_auto and genai fp32 results")
+    hd = bh.get("decode_tok_s")
+    if rd and hd:
+        target("vs_by_hand", rd >= 20 * hd, f"run_auto decode {rd:.2f} tok/s = {rd / hd:.1f}x by-hand "
+                                            f"{hd:.3f} tok/s (need >= 20x); TTFT {bh['ttft_s'] / rt:.1f}x faster")
+    else:
+        target("vs_by_hand", None, "needs run_auto and by-hand results")
+    rp = ra.get("peak_rss_mib")
+    if rp:
+        limit = 1.3 * (w + kv) / MIB
+        target("memory", rp <= limit, f"run_auto peak RSS {rp:.0f} MiB vs 1.3 x (weights + KV cache) = {limit:.0f} MiB"
+                                      f" ({rp * MIB / (w + kv):.2f}x)")
+    else:
+        target("memory", None, "needs the run_auto result")
+    return targets
+
+
+# -- main --------------------------------------------------------------------------------------------------------
+METHODS = ("run_auto", "in_memory", "by_hand", "genai_fp32", "genai_int4")
+
+
+def parse_args(argv):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__.split("\n")[0])
+    p.add_argument("--model_path", default="", help=f"HF checkpoint (default {BENCH_MODEL}, written if missing)")
+    p.add_argument("--small", action="store_true", help="the tiny demo checkpoint (models/demo-qwen3): a smoke run")
+    p.add_argument("--onnx_dir", default="", help="converted folder (default onnx/bench-<model>-<settings>)")
+    p.add_argument("--prompt_len", type=int, default=16, help="prompt tokens (default 16)")
+    p.add_argument("--new_tokens", type=int, default=32, help="greedy new tokens (default 32)")
+    p.add_argument("--max_input_len", type=int, default=16)
+    p.add_argument("--max_cache_len", type=int, default=1024)
+    p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
+    p.add_argument("--kv_dtype", choices=["float16", "float32"], default="float16")
+    p.add_argument("--blocks", type=int, default=0, help="decoder blocks (default: the converter's, 4)")
+    p.add_argument("--hand_steps", type=int, default=4, help="decode steps timed by hand (default 4)")
+    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    p.add_argument("--threads", type=int, default=0, help="in-memory loop's intra-op threads (0: onnxruntime's)")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds any one child process may take")
+    p.add_argument("--out", default=str(RUN_ROOT / "bench.json"), help="results JSON")
+    p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
+    p.add_argument("--spec", default="", help=argparse.SUPPRESS)
+    return p.parse_args(argv)
+
+
+def _versions() -> dict:
+    import onnxruntime
+
+    v = {"python": platform.python_version(), "numpy": np.__version__, "onnxruntime": onnxruntime.__version__,
+         "cpu_count": os.cpu_count(), "machine": platform.machine(), "platform": platform.platform()}
+    try:
+        import onnxruntime_genai
+
+        v["onnxruntime_genai"] = getattr(onnxruntime_genai, "__version__", "?")
+    except ImportError:
+        v["onnxruntime_genai"] = None
+    return v
+
+
+def _genai_missing() -> str | None:
+    import importlib.util
+
+    for mod in ("onnxruntime_genai", "onnx_ir", "torch", "transformers"):
+        if importlib.util.find_spec(mod) is None:
+            return f"skipped: {mod} not importable; install the optional extra: {GENAI_EXTRA}"
+    return None
+
+
+@cli_entry
+def main(argv=None):
+    a = parse_args(argv)
+    if a.worker:
+        spec = json.loads(Path(a.spec).read_text())
+        write_json(spec["result"], WORKERS[a.worker](spec))
+        return 0
+    methods = [m.strip() for m in a.methods.split(",") if m.strip()]
+    unknown = set(methods) - set(METHODS)
+    if unknown:
+        raise StagepipeError(f"--methods: unknown {', '.join(sorted(unknown))}; choose from {', '.join(METHODS)}")
+    if a.new_tokens < 2:
+        raise StagepipeError("--new_tokens must be at least 2 (one prefill token and one decode step)")
+    if a.model_path:
+        a.model_path = str(Path(a.model_path).resolve())
+    out_path = Path(a.out).resolve()
+    onnx_arg = Path(a.onnx_dir).resolve() if a.onnx_dir else None
+    os.chdir(REPO)
+
+    def log(msg):
+        print(msg, flush=True)
+
+    model_path = ensure_checkpoint(a, log)
+    model_path = Path(os.path.relpath(model_path.resolve(), REPO)) if model_path.resolve().is_relative_to(REPO) \
+        else model_path.resolve()
+    onnx_dir = onnx_arg or onnx_dir_for(model_path, a)
+    if onnx_dir.is_absolute() and onnx_dir.is_relative_to(REPO):
+        onnx_dir = Path(os.path.relpath(onnx_dir, REPO))
+    convert_info = ensure_onnx(model_path.resolve(), onnx_dir, a, log)
+    sizes = model_sizes(onnx_dir)
+    prompt, ids = make_prompt(onnx_dir, a.prompt_len)
+    if len(ids) + a.new_tokens > sizes["max_cache_len"]:
+        raise StagepipeError(f"{len(ids)} prompt + {a.new_tokens} new tokens do not fit the "
+                             f"{sizes['max_cache_len']}-slot cache")
+    log(f"model {model_path} -> {onnx_dir}: {sizes['layers']} layers in {sizes['blocks']} blocks, hidden "
+        f"{sizes['hidden_size']}, {sizes['precision']}, KV {sizes['kv_dtype']}, T={sizes['max_input_len']}, "
+        f"C={sizes['max_cache_len']}")
+    log(f"prompt ({len(ids)} tokens): {prompt!r}; {a.new_tokens} greedy new tokens, EOS ignored")
+    ctx = {"args": a, "log": log, "model_path": model_path, "onnx_dir": onnx_dir, "sizes": sizes,
+           "prompt": prompt, "prompt_ids": ids}
+    runners = {"run_auto": bench_run_auto, "in_memory": bench_in_memory, "by_hand": bench_by_hand,
+               "genai_fp32": lambda c: bench_genai(c, "fp32"), "genai_int4": lambda c: bench_genai(c, "int4")}
+    genai_missing = _genai_missing()
+    results = {}
+    for name in METHODS:
+        if name not in methods:
+            continue
+        if name.startswith("genai") and genai_missing:
+            results[name] = {"skipped": genai_missing}
+            log(f"{name}: {genai_missing}")
+            continue
+        log(f"{name} ...")
+        try:
+            results[name] = runners[name](ctx)
+            r = results[name]
+            log(f"  TTFT {_f(r['ttft_s'])}s, decode {_f(r['decode_tok_s'], '{:.2f}')} tok/s, "
+                f"peak RSS {r['peak_rss_mib']:.0f} MiB, wall {r['wall_s']:.1f}s")
+        except StagepipeError as e:
+            results[name] = {"error": str(e).splitlines()[0]}
+            log(f"  failed: {e}")
+    lines = ["", f"stagepipe benchmark: {model_path} ({sizes['layers']} layers, hidden {sizes['hidden_size']}), "
+                 f"{len(ids)}-token prompt, {a.new_tokens} new tokens, {os.cpu_count()} CPUs"]
+    targets = report(results, sizes, lines)
+    print("\n".join(lines), flush=True)
+    write_json(out_path, {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": _versions(),
+                          "model_path": str(model_path), "onnx_dir": str(onnx_dir), "settings": vars(a) | {
+                              "worker": None}, "prompt": prompt, "prompt_token_ids": ids, "sizes": sizes,
+                          "convert": convert_info, "results": results, "targets": targets, "table": lines})
+    print(f"\nwrote {out_path}")
+    return 0
+
+
+if __name__ == "__main__":
+    main()
