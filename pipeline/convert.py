@@ -25,13 +25,17 @@ from pipeline.errors import StagepipeError, cli_entry
 from pipeline.graphs import GraphShape, Precision, build_block, build_embed, build_output
 from pipeline.model_config import load_model_config, split_layers
 from pipeline.onnx_builder import OPSET, WeightStore
+from pipeline.quantize import block_size_for, quantize_rows
 from pipeline.safetensors_io import CheckpointWeights, bf16_bits_to_f32
 from schemas.manifest import BlockSpec, GraphSpec, Manifest, ModelConfig, SourceFile, TensorSpec
 
 MASK_VALUE = -10000.0  # finite: fits float16 and keeps a fully masked softmax row finite
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "vocab.json", "merges.txt",
                    "special_tokens_map.json", "added_tokens.json", "chat_template.jinja")
-CHUNK_BYTES = 32 << 20  # convert big tables this many bytes at a time, so memory stays flat
+CHUNK_BYTES = 32 << 20
+# precision -> weight bits: fp32/fp16 use standard ops only; int8/int4 are weight-only quantized linear layers
+# (onnxruntime's com.microsoft MatMulNBits, for CPU targets), activations stay float32.
+PRECISIONS = {"fp32": 0, "fp16": 0, "int8": 8, "int4": 4}  # convert big tables this many bytes at a time, so memory stays flat
 
 
 def expected_tensors(c: ModelConfig) -> dict[str, tuple[int, ...]]:
@@ -90,23 +94,44 @@ def source_stat(files: list[Path]) -> dict[str, SourceFile]:
     return {p.name: SourceFile(size=p.stat().st_size, mtime_ns=p.stat().st_mtime_ns) for p in files}
 
 
-def _weight_lookup(weights: CheckpointWeights, store: WeightStore):
-    """(name, dtype) -> external TensorProto, converting the checkpoint tensor row-chunk by row-chunk."""
+class WeightSource:
+    """Checkpoint tensors -> external TensorProtos in the store, converted row-chunk by row-chunk.
 
-    def lookup(name: str, dtype: np.dtype):
-        shape = weights.shape(name)
+    Called as source(name, dtype) for plain weights; source.quantized(name, bits) for MatMulNBits weights."""
 
-        def chunks():
-            raw = weights.raw(name)
-            is_bf16 = weights.dtype(name) == "BF16"
-            rows = max(1, CHUNK_BYTES // max(1, raw[0].nbytes * 2)) if raw.ndim > 1 else len(raw)
-            for start in range(0, len(raw), rows):
-                part = raw[start:start + rows]
-                yield (bf16_bits_to_f32(part) if is_bf16 else np.asarray(part)).astype(dtype, copy=False)
+    def __init__(self, weights: CheckpointWeights, store: WeightStore):
+        self.weights, self.store = weights, store
 
-        return store.add(name, shape, dtype, chunks)
+    def _row_chunks(self, name: str):
+        raw = self.weights.raw(name)
+        is_bf16 = self.weights.dtype(name) == "BF16"
+        rows = max(1, CHUNK_BYTES // max(1, raw[0].nbytes * 2)) if raw.ndim > 1 else len(raw)
+        for start in range(0, len(raw), rows):
+            part = raw[start:start + rows]
+            yield bf16_bits_to_f32(part) if is_bf16 else np.asarray(part)
 
-    return lookup
+    def __call__(self, name: str, dtype: np.dtype):
+        return self.store.add(name, self.weights.shape(name), dtype,
+                              lambda: (c.astype(dtype, copy=False) for c in self._row_chunks(name)))
+
+    def quantized(self, name: str, bits: int):
+        """-> (packed uint8 (N, K/block, block*bits/8), scales float32 (N*K/block), block)."""
+        n_rows, in_features = self.weights.shape(name)
+        block = block_size_for(in_features, name)
+        key = f"{name}.q{bits}"
+        if key not in self.store.written:
+            scales = []
+
+            def packed_chunks():
+                for chunk in self._row_chunks(name):
+                    q, s = quantize_rows(chunk, bits, block)
+                    scales.append(s)
+                    yield q
+
+            self.store.add(key, (n_rows, in_features // block, block * bits // 8), np.uint8, packed_chunks)
+            self.store.add(f"{name}.scales{bits}", (n_rows * (in_features // block),), np.float32,
+                           lambda: (s.reshape(-1) for s in scales))
+        return self.store.written[key], self.store.written[f"{name}.scales{bits}"], block
 
 
 def _tensor_specs(values) -> list[TensorSpec]:
@@ -140,8 +165,8 @@ def convert(model_path, onnx_dir, blocks: int | None = None, layer_split: list[i
     if max_input_len < 1 or max_cache_len < max_input_len:
         raise StagepipeError(f"--max_input_len {max_input_len} and --max_cache_len {max_cache_len}: need "
                              "1 <= max_input_len <= max_cache_len")
-    if precision not in ("fp32", "fp16"):
-        raise StagepipeError(f"--precision {precision}: choose fp32 or fp16")
+    if precision not in PRECISIONS:
+        raise StagepipeError(f"--precision {precision}: choose one of {', '.join(PRECISIONS)}")
     if kv_dtype not in ("float16", "float32"):
         raise StagepipeError(f"--kv_dtype {kv_dtype}: choose float16 or float32")
     config = load_model_config(model_path)
@@ -171,10 +196,11 @@ def _write_onnx_dir(config, ranges, weights, model_path, out, max_input_len, max
                     log) -> Manifest:
     for mode in ("prefill", "decode"):
         (out / mode).mkdir(parents=True)
-    prec = Precision(compute=np.dtype(np.float16 if precision == "fp16" else np.float32), kv=np.dtype(kv_dtype))
+    prec = Precision(compute=np.dtype(np.float16 if precision == "fp16" else np.float32), kv=np.dtype(kv_dtype),
+                     weight_bits=PRECISIONS[precision])
     shapes = {"prefill": GraphShape(T=max_input_len, C=max_cache_len), "decode": GraphShape(T=1, C=max_cache_len)}
     store = WeightStore(out / "prefill")
-    lookup = _weight_lookup(weights, store)
+    lookup = WeightSource(weights, store)
     builders = {"embed": lambda shape: build_embed(config, prec, shape, lookup)}
     for b, (start, end) in enumerate(ranges):
         builders[f"block{b}"] = lambda shape, r=range(start, end): build_block(config, prec, shape, r, lookup)
@@ -182,6 +208,7 @@ def _write_onnx_dir(config, ranges, weights, model_path, out, max_input_len, max
 
     graphs: dict[str, dict[str, GraphSpec]] = {"prefill": {}, "decode": {}}
     graph_hash = hashlib.sha256()
+    nonstandard: set[str] = set()
     total = 2 * len(builders)
     done = 0
     for stage, build in builders.items():
@@ -194,6 +221,7 @@ def _write_onnx_dir(config, ranges, weights, model_path, out, max_input_len, max
             (out / rel).write_bytes(data)
             graph_hash.update(data)
             graphs[mode][stage] = _graph_spec(model, rel)
+            nonstandard |= {f"{n.domain}:{n.op_type}" for n in model.graph.node if n.domain not in ("", "ai.onnx")}
             done += 1
             log(f"[{done}/{total}] {rel} ({time.perf_counter() - t0:.1f}s)")
         store.close()
@@ -212,7 +240,8 @@ def _write_onnx_dir(config, ranges, weights, model_path, out, max_input_len, max
         blocks=[BlockSpec(index=i, layer_start=s, layer_end=e) for i, (s, e) in enumerate(ranges)],
         graphs=graphs, source_path=str(model_path.resolve()), source_files=source_stat(files),
         source_fingerprint=source_fingerprint(files), graphs_fingerprint=graph_hash.hexdigest(),
-        tokenizer_files=[n for n in copied if n in TOKENIZER_FILES])
+        tokenizer_files=[n for n in copied if n in TOKENIZER_FILES],
+        nonstandard_ops=sorted(nonstandard))
     write_text(out / "manifest.json", manifest.model_dump_json(indent=2) + "\n")
     return manifest
 
@@ -242,7 +271,8 @@ def add_convert_args(p: argparse.ArgumentParser):
     split.add_argument("--layer_split", type=_int_list, default=None, help="layers per block, e.g. 7,7,7,7")
     p.add_argument("--max_input_len", type=int, default=16, help="tokens per prefill step (T)")
     p.add_argument("--max_cache_len", type=int, default=1024, help="KV cache slots (C)")
-    p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
+    p.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
+                   help="fp32/fp16: standard ops; int8/int4: weight-only MatMulNBits (com.microsoft), CPU")
     p.add_argument("--kv_dtype", choices=["float16", "float32"], default="float16", help="KV cache dtype")
 
 

@@ -31,6 +31,7 @@ class GraphShape:
 class Precision:
     compute: np.dtype  # dtype of matmul weights and of hidden states between stages
     kv: np.dtype  # dtype of past/present key and value tensors
+    weight_bits: int = 0  # 4 or 8: weight-only quantized linear layers (com.microsoft MatMulNBits), else 0
 
     @property
     def is_fp16(self) -> bool:
@@ -59,12 +60,23 @@ class StageGraph:
     def linear(self, x: str, prefix: str, bias: bool) -> str:
         """x float32 (N, in) -> float32 (N, out); the Gemm runs in the compute dtype, weight stored (out, in)."""
         g = self.g
+        if self.p.weight_bits:
+            return self._quantized_linear(x, prefix, bias)
         x_in = self.cast(x, self.p.compute) if self.p.is_fp16 else x
         args = [x_in, self.w(prefix + ".weight")]
         if bias:
             args.append(self.w(prefix + ".bias"))
         y = g.op("Gemm", *args, transB=1)
         return self.cast(y, F32) if self.p.is_fp16 else y
+
+    def _quantized_linear(self, x: str, prefix: str, bias: bool) -> str:
+        """Weight-only quantized (out, in) matrix: blocks of `block` weights share one float scale."""
+        g = self.g
+        packed, scales, block = self._weight_lookup.quantized(prefix + ".weight", self.p.weight_bits)
+        out_features, in_features = packed.dims[0], packed.dims[1] * block
+        y = g.op("MatMulNBits", x, g.weight(packed), g.weight(scales), domain="com.microsoft", K=in_features,
+                 N=out_features, bits=self.p.weight_bits, block_size=block)
+        return g.op("Add", y, self.w(prefix + ".bias", F32)) if bias else y
 
     def rms_norm(self, x: str, weight_name: str) -> str:
         g = self.g

@@ -84,6 +84,7 @@ class GraphBuilder:
         self.initializers: dict[str, TensorProto] = {}
         self.inputs: list[onnx.ValueInfoProto] = []
         self.outputs: list[onnx.ValueInfoProto] = []
+        self.domains: set[str] = set()  # non-default op domains used (com.microsoft for quantized matmuls)
         self._count = 0
 
     def input(self, name: str, dtype, shape) -> str:
@@ -94,10 +95,14 @@ class GraphBuilder:
         self.op("Identity", value, out_name=name)
         self.outputs.append(helper.make_tensor_value_info(name, NP_TO_ONNX[np.dtype(dtype)], list(shape)))
 
-    def op(self, op_type: str, *inputs: str, n_out: int = 1, out_name: str | None = None, **attrs):
+    def op(self, op_type: str, *inputs: str, n_out: int = 1, out_name: str | None = None, domain: str = "",
+           **attrs):
         self._count += 1
         outs = [out_name] if out_name else [f"{op_type.lower()}_{self._count}_{i}" for i in range(n_out)]
-        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=f"{op_type}_{self._count}", **attrs))
+        if domain:
+            self.domains.add(domain)
+        self.nodes.append(helper.make_node(op_type, list(inputs), outs, name=f"{op_type}_{self._count}",
+                                           domain=domain or None, **attrs))
         return outs[0] if n_out == 1 else outs
 
     def const(self, value, dtype=np.int64) -> str:
@@ -113,6 +118,7 @@ class GraphBuilder:
 
     def to_model(self) -> onnx.ModelProto:
         graph = helper.make_graph(self.nodes, self.name, self.inputs, self.outputs, list(self.initializers.values()))
-        model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", OPSET)], producer_name="stagepipe")
+        opsets = [helper.make_opsetid("", OPSET)] + [helper.make_opsetid(d, 1) for d in sorted(self.domains)]
+        model = helper.make_model(graph, opset_imports=opsets, producer_name="stagepipe")
         model.ir_version = IR_VERSION
         return model

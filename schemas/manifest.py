@@ -68,7 +68,7 @@ class Manifest(BaseModel):
     schema_version: int = MANIFEST_SCHEMA_VERSION
     stagepipe_version: str
     model: ModelConfig
-    precision: Literal["fp32", "fp16"]
+    precision: Literal["fp32", "fp16", "int8", "int4"]  # int8/int4: weight-only quantized linear layers
     kv_dtype: Literal["float16", "float32"]
     max_input_len: int  # T of the prefill graphs
     max_cache_len: int  # C: KV cache slots
@@ -81,6 +81,7 @@ class Manifest(BaseModel):
     source_fingerprint: str  # sha256 over config.json and the weight files' content
     graphs_fingerprint: str  # sha256 over every graph and weight byte written
     tokenizer_files: list[str]
+    nonstandard_ops: list[str] = []  # "domain:Op" outside the default ONNX domain (int8/int4: MatMulNBits)
 
     def stage_names(self) -> list[str]:
         return ["embed"] + [f"block{b.index}" for b in self.blocks] + ["output"]
