@@ -67,6 +67,7 @@ RUN_PARAMS = [
     {"name": "chat", "long": "chat", "type": bool, "default": False, "help": "wrap the prompt in the chat template"},
     {"name": "no_think", "long": "no_think", "type": bool, "default": False, "help": "Qwen3: empty think block"},
     {"name": "backend", "long": "backend", "type": str, "default": "onnx", "help": "onnx or reference"},
+    {"name": "provider", "long": "provider", "type": str, "default": "cpu", "help": "onnxruntime: cpu or cuda"},
     {"name": "ignore_eos", "long": "ignore_eos", "type": bool, "default": False, "help": "do not stop at EOS"},
     {"name": "from_step", "long": "from_step", "type": int, "default": -1, "help": "discard steps >= K, redo them"},
     {"name": "clean", "long": "clean", "type": bool, "default": False, "help": "start the run folder over"},

@@ -45,9 +45,9 @@ class OnnxBackend(Backend):
 
     name = "onnx"
 
-    def __init__(self, onnx_dir: Path, manifest: Manifest | None = None, providers=None, threads: int = 0):
+    def __init__(self, onnx_dir: Path, manifest: Manifest | None = None, provider: str = "cpu", threads: int = 0):
         super().__init__(onnx_dir, manifest)
-        self.providers = providers or ["CPUExecutionProvider"]
+        self.providers = onnx_providers(provider)
         self.threads = threads
         self._sessions = {}
 
@@ -111,6 +111,20 @@ class ReferenceBackend(Backend):
 
     def output(self, hidden):
         return self.model.output(hidden)
+
+
+def onnx_providers(provider: str) -> list[str]:
+    """onnxruntime execution providers for --provider cpu|cuda (CUDA falls back to CPU for unsupported ops)."""
+    import onnxruntime as ort
+
+    if provider == "cpu":
+        return ["CPUExecutionProvider"]
+    if provider == "cuda":
+        if "CUDAExecutionProvider" not in ort.get_available_providers():
+            raise StagepipeError("--provider cuda: this onnxruntime has no CUDAExecutionProvider; install "
+                                 "onnxruntime-gpu instead of onnxruntime (pip install -e '.[gpu]') on a CUDA machine")
+        return ["CUDAExecutionProvider", "CPUExecutionProvider"]
+    raise StagepipeError(f"--provider {provider}: choose cpu or cuda")
 
 
 BACKENDS = {"onnx": OnnxBackend, "reference": ReferenceBackend}

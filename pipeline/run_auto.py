@@ -47,6 +47,7 @@ class RunParams:
     clean: bool = False
     reset_kv: bool = False
     full_logits: bool = False
+    provider: str = "cpu"
 
 
 def step_name(s: int) -> str:
@@ -102,7 +103,8 @@ class Run:
     @property
     def backend(self):
         if self._backend is None:
-            self._backend = make_backend(self.params.backend, self.params.onnx_dir, self.manifest)
+            kwargs = {"provider": self.params.provider} if self.params.backend == "onnx" else {}
+            self._backend = make_backend(self.params.backend, self.params.onnx_dir, self.manifest, **kwargs)
         return self._backend
 
     @property
@@ -307,4 +309,4 @@ def open_run(params: dict) -> Run:
                          backend=params.get("backend") or "onnx", ignore_eos=bool(params.get("ignore_eos")),
                          from_step=None if from_step is None or from_step < 0 else from_step,
                          clean=bool(params.get("clean")), reset_kv=bool(params.get("reset_kv")),
-                         full_logits=bool(params.get("full_logits"))))
+                         full_logits=bool(params.get("full_logits")), provider=params.get("provider") or "cpu"))

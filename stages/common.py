@@ -17,6 +17,7 @@ def stage_parser(prog: str, description: str) -> argparse.ArgumentParser:
     p.add_argument("--onnx_dir", type=Path, required=True, help="converted model folder (manifest.json)")
     p.add_argument("--backend", default="onnx", help="onnx (default) or reference (numpy, reads the checkpoint)")
     p.add_argument("--model_path", type=Path, default=None, help="checkpoint for --backend reference")
+    p.add_argument("--provider", default="cpu", help="onnxruntime provider for --backend onnx: cpu or cuda")
     p.add_argument("--meta", type=Path, default=None, help="meta.json path (default STEP_DIR/meta.json)")
     p.add_argument("--attention_mask", type=Path, default=None, help="default STEP_DIR/attention_mask.npy")
     p.add_argument("--position_ids", type=Path, default=None, help="default STEP_DIR/position_ids.npy")
@@ -32,7 +33,7 @@ def open_backend(args):
         if value is not None and value != expected:
             raise StagepipeError(f"{flag} {value} does not match the graphs in {args.onnx_dir} ({expected}); "
                                  "reconvert with that value or drop the flag")
-    kwargs = {"model_path": args.model_path} if args.backend == "reference" else {}
+    kwargs = {"model_path": args.model_path} if args.backend == "reference" else {"provider": args.provider}
     return make_backend(args.backend, args.onnx_dir, manifest, **kwargs)
 
 

@@ -281,3 +281,15 @@ def test_cache_from_other_graphs_is_refused(small, reference_run, tmp_path):
     run_doit("--onnx_dir", onnx_dir, "--run_root", root, "--prompt", PROMPT, "--steps", 10, "--ignore_eos",
              "--reset_kv")
     assert summary(root)["generated_token_ids"] == summary(reference_run)["generated_token_ids"]
+
+
+def test_cuda_provider_without_gpu_is_one_clear_line(small, tmp_path):
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this machine has a CUDA onnxruntime")
+    _, onnx_dir = small
+    proc = run_doit("--onnx_dir", onnx_dir, "--run_root", tmp_path / "run", "--prompt", PROMPT, "--steps", 2,
+                    "--provider", "cuda", check=False)
+    assert proc.returncode != 0
+    assert "onnxruntime-gpu" in proc.stdout + proc.stderr and "Traceback" not in proc.stdout + proc.stderr
