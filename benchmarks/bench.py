@@ -17,9 +17,12 @@ converted to onnx/bench-... unless that folder is current. Then, for one prompt 
   genai       onnxruntime-genai (optional extra), its model built from the same checkpoint by its model builder
               (fp32 and int4), greedy search with min_length = max_length so it runs all the new tokens
 
-Peak RSS is each child's own (os.wait4's rusage of that child, which also covers the processes it waited for),
-so one method's peak never leaks into another's: getrusage(RUSAGE_CHILDREN) in the parent would report the
-maximum over all children so far. Results: a table on stdout and runs/bench/bench.json.
+Peak RSS is each command's own: a small stdlib-only launcher (`python -S`) forks and execs the command and takes
+os.wait4's rusage of it (which also covers the processes the command waited for). Measuring from this process
+instead would be wrong twice over: getrusage(RUSAGE_CHILDREN).ru_maxrss is the maximum over all children so far,
+and Linux starts a child's ru_maxrss at the RSS of the process it was forked from (here several GiB after
+writing the checkpoint), so every child would look at least that big. The launcher adds <= ~10 MiB.
+Results: a table on stdout and runs/bench/bench.json.
 """
 from __future__ import annotations
 
@@ -168,9 +171,11 @@ def ensure_checkpoint(a, log) -> Path:
         if a.model_path and path != BENCH_MODEL:
             raise StagepipeError(f"--model_path {path}: no config.json there")
         log(f"writing a random Qwen3-0.6B-shaped bf16 checkpoint to {path} ...")
-        t = time.perf_counter()
-        _checkpoint_writer()(path)
-        log(f"  done in {time.perf_counter() - t:.1f}s")
+        # in a child: this process stays small (its children's RSS would start from its size)
+        child = run_child([sys.executable, "-m", "benchmarks.bench", "--write_checkpoint", path],
+                          RUN_ROOT / "logs" / "write_checkpoint.log", a.timeout)
+        _require_ok(child, "writing the checkpoint")
+        log(f"  done in {child.wall_s:.1f}s")
     return path
 
 
@@ -182,6 +187,7 @@ class Child:
     peak_rss_mib: float
     log: Path
     started_at: float  # time.time() just before the child was started
+    cpu_s: float = 0.0  # user + system CPU seconds
 
     def tail(self, n=15) -> str:
         try:
@@ -190,14 +196,37 @@ class Child:
             return ""
 
 
+# Runs argv[2:] and writes its exit code, wall time and peak RSS (its wait4 rusage) to argv[1] as JSON. It imports
+# only the standard library (run with -S), so the child it forks starts from a small RSS.
+LAUNCHER = """
+import json, os, sys, time
+out, cmd = sys.argv[1], sys.argv[2:]
+started_at, t0 = time.time(), time.perf_counter()
+pid = os.fork()
+if pid == 0:
+    try:
+        os.execv(cmd[0], cmd)
+    finally:
+        os._exit(127)
+_, status, usage = os.wait4(pid, 0)
+wall = time.perf_counter() - t0
+with open(out, "w") as f:
+    json.dump({"rc": os.waitstatus_to_exitcode(status), "wall_s": wall, "maxrss_kib": usage.ru_maxrss,
+               "cpu_s": usage.ru_utime + usage.ru_stime, "started_at": started_at}, f)
+"""
+
+
 def run_child(cmd: list, log_path: Path, timeout_s: float, env=None) -> Child:
-    """Run cmd in the repo with output to log_path; its wall time and its own peak RSS (os.wait4 rusage)."""
+    """Run cmd in the repo with output to log_path: its exit code, wall time and own peak RSS (via LAUNCHER)."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
+    stats_path = log_path.with_name(log_path.name + ".rusage.json")
+    stats_path.unlink(missing_ok=True)
+    cmd = [str(c) for c in cmd]
+    if not os.path.isabs(cmd[0]):
+        cmd[0] = shutil.which(cmd[0]) or cmd[0]
     with open(log_path, "wb") as out:
-        started_at = time.time()
-        t0 = time.perf_counter()
-        proc = subprocess.Popen([str(c) for c in cmd], cwd=REPO, stdout=out, stderr=subprocess.STDOUT, env=env,
-                                start_new_session=True)
+        proc = subprocess.Popen([sys.executable, "-S", "-c", LAUNCHER, str(stats_path), *cmd], cwd=REPO,
+                                stdout=out, stderr=subprocess.STDOUT, env=env, start_new_session=True)
 
         def kill():
             with contextlib.suppress(ProcessLookupError):
@@ -207,16 +236,18 @@ def run_child(cmd: list, log_path: Path, timeout_s: float, env=None) -> Child:
         timer.daemon = True
         timer.start()
         try:
-            _, status, usage = os.wait4(proc.pid, 0)
+            proc.wait()
         except BaseException:
             kill()
             proc.wait()
             raise
         finally:
             timer.cancel()
-        wall = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)
-    return Child(proc.returncode, wall, usage.ru_maxrss / 1024, log_path, started_at)  # ru_maxrss: KiB
+    try:
+        st = json.loads(stats_path.read_text())
+    except (OSError, ValueError):  # killed (timeout) before it could write
+        return Child(proc.returncode or -9, float(timeout_s), 0.0, log_path, time.time())
+    return Child(st["rc"], st["wall_s"], st["maxrss_kib"] / 1024, log_path, st["started_at"], st["cpu_s"])
 
 
 def _require_ok(child: Child, what: str):
@@ -228,7 +259,8 @@ def _require_ok(child: Child, what: str):
 def onnx_dir_for(model_path: Path, a) -> Path:
     kv = {"float16": "kv16", "float32": "kv32"}[a.kv_dtype]
     blocks = f"-b{a.blocks}" if a.blocks else ""
-    return Path("onnx") / f"bench-{model_path.name}-{a.precision}-{kv}-T{a.max_input_len}-C{a.max_cache_len}{blocks}"
+    name = model_path.name.removeprefix("bench-")
+    return Path("onnx") / f"bench-{name}-{a.precision}-{kv}-T{a.max_input_len}-C{a.max_cache_len}{blocks}"
 
 
 def ensure_onnx(model_path: Path, onnx_dir: Path, a, log) -> dict:
@@ -322,7 +354,8 @@ def bench_run_auto(ctx) -> dict:
     decode = step_s[n_chunks:]
     steady = decode[1:]  # the first decode step also creates the decode graphs' sessions
     out = {"ttft_s": s["time_to_first_token_s"], "decode_tok_s": s["decode_tokens_per_s"],
-           "peak_rss_mib": child.peak_rss_mib, "wall_s": child.wall_s, "tokens": s["generated_token_ids"],
+           "peak_rss_mib": child.peak_rss_mib, "wall_s": child.wall_s, "cpu_s": child.cpu_s,
+           "tokens": s["generated_token_ids"],
            "stop_reason": s["stop_reason"], "steps": s["steps"],
            "first_decode_step_s": decode[0] if decode else None,
            "steady_decode_tok_s": len(steady) / sum(steady) if steady and sum(steady) > 0 else None,
@@ -354,7 +387,8 @@ def bench_in_memory(ctx) -> dict:
                                            "new_tokens": a.new_tokens, "threads": a.threads}, "in_memory")
     child = run_child(cmd, RUN_ROOT / "logs" / "in_memory.log", a.timeout)
     _require_ok(child, "in-memory worker")
-    return {**json.loads(result.read_text()), "peak_rss_mib": child.peak_rss_mib, "wall_s": child.wall_s}
+    return {**json.loads(result.read_text()), "peak_rss_mib": child.peak_rss_mib, "wall_s": child.wall_s,
+            "cpu_s": child.cpu_s}
 
 
 def bench_by_hand(ctx) -> dict:
@@ -370,7 +404,7 @@ def bench_by_hand(ctx) -> dict:
     n_chunks = -(-n_prompt // T)
     decode_steps = max(0, min(a.hand_steps, a.new_tokens - 1))
     common = ["--onnx_dir", onnx_dir]
-    step_walls, peak, stage_walls, tokens = [], 0.0, {}, []
+    step_walls, peak, stage_walls, tokens, cpu = [], 0.0, {}, [], 0.0
     for s in range(n_chunks + decode_steps):
         step = root / f"step_{s:04d}"
         if s < n_chunks:
@@ -386,6 +420,7 @@ def bench_by_hand(ctx) -> dict:
                               RUN_ROOT / "logs" / "by_hand" / f"{step.name}_{name}.log", a.timeout)
             _require_ok(child, f"stages.{module} ({step.name})")
             wall += child.wall_s
+            cpu += child.cpu_s
             peak = max(peak, child.peak_rss_mib)
             if s >= n_chunks:
                 stage_walls.setdefault(name, []).append(child.wall_s)
@@ -394,7 +429,8 @@ def bench_by_hand(ctx) -> dict:
             tokens.append(int((step / "next_token_id.txt").read_text().split()[0]))
     decode_wall = sum(step_walls[n_chunks:])
     return {"ttft_s": sum(step_walls[:n_chunks]), "decode_tok_s": decode_steps / decode_wall if decode_wall else None,
-            "peak_rss_mib": peak, "wall_s": sum(step_walls), "tokens": tokens, "decode_steps_timed": decode_steps,
+            "peak_rss_mib": peak, "wall_s": sum(step_walls), "cpu_s": cpu, "tokens": tokens,
+            "decode_steps_timed": decode_steps,
             "processes": len(step_walls) * (n_blocks + 2),
             "decode_stage_mean_s": {k: float(np.mean(v)) for k, v in stage_walls.items()},
             "note": f"one process per stage per step; decode tok/s extrapolated from {decode_steps} decode steps; "
@@ -423,7 +459,7 @@ def _source_stamp(model_path: Path, precision: str) -> dict:
 
 
 def ensure_genai_model(model_path: Path, precision: str, a, log) -> tuple[Path, dict]:
-    out = Path("onnx") / f"bench-genai-{model_path.name}-{precision}"
+    out = Path("onnx") / f"bench-genai-{model_path.name.removeprefix('bench-')}-{precision}"
     stamp_path = out / "stagepipe_bench_source.json"
     stamp = _source_stamp(model_path, precision)
     if stamp_path.exists() and json.loads(stamp_path.read_text()) == stamp:
@@ -454,7 +490,7 @@ def bench_genai(ctx, precision: str) -> dict:
     _require_ok(child, f"genai {precision} worker")
     size = sum(p.stat().st_size for p in genai_dir.iterdir() if p.name.startswith("model.onnx"))
     return {**json.loads(result.read_text()), "peak_rss_mib": child.peak_rss_mib, "wall_s": child.wall_s,
-            "model_dir": str(genai_dir), "model_bytes": size, **build}
+            "cpu_s": child.cpu_s, "model_dir": str(genai_dir), "model_bytes": size, **build}
 
 
 # -- workers (run inside the child processes) --------------------------------------------------------------------
@@ -560,8 +596,8 @@ def report(results: dict, sizes: dict, lines: list):
             rows.append(("run_auto, seen from outside (file times)",
                          {"ttft_s": r["wall_ttft_s"], "decode_tok_s": r["wall_decode_tok_s"],
                           "peak_rss_mib": None, "wall_s": None, "tokens": None}))
-    header = (f"{'method':<56} {'TTFT s':>8} {'decode tok/s':>12} {'peak RSS MiB':>12} {'wall s':>8} {'setup s':>8}"
-              f" {'tok/s vs genai':>14} {'TTFT vs genai':>13} {'tokens=run_auto':>15}")
+    header = (f"{'method':<56} {'TTFT s':>8} {'decode tok/s':>12} {'peak RSS MiB':>12} {'wall s':>8} {'CPU s':>7}"
+              f" {'setup s':>8} {'tok/s vs genai':>14} {'TTFT vs genai':>13} {'tokens=run_auto':>15}")
     lines += [header, "-" * len(header)]
     for label, r in rows:
         if isinstance(r, str):
@@ -569,10 +605,15 @@ def report(results: dict, sizes: dict, lines: list):
             continue
         lines.append(f"{label:<56} {_f(r['ttft_s']):>8} {_f(r['decode_tok_s'], '{:.2f}'):>12} "
                      f"{_f(r['peak_rss_mib'], '{:.0f}'):>12} {_f(r.get('wall_s'), '{:.1f}'):>8} "
+                     f"{_f(r.get('cpu_s'), '{:.1f}'):>7} "
                      f"{_f(r.get('setup_s'), '{:.2f}'):>8} "
                      f"{_fx(_ratio(r['decode_tok_s'], gf.get('decode_tok_s'))):>14} "
                      f"{_fx(_ratio(r['ttft_s'], gf.get('ttft_s'))):>13} "
                      f"{_agree(r.get('tokens'), ra.get('tokens')):>15}")
+    busy = [(labels[k], r["loadavg_before"][0]) for k, r in results.items() if r.get("loadavg_before", [0])[0] > 0.5]
+    if busy:
+        lines.append("note: the machine was not idle before " + ", ".join(f"{k} (load {v:.2f})" for k, v in busy)
+                     + "; other processes may have slowed those timings")
     w, kv = sizes["weights_bytes"], sizes["kv_cache_bytes"]
     lines += ["", f"graph weights {w / MIB:.0f} MiB (each .data file once) + KV cache {kv / MIB:.0f} MiB "
                   f"({sizes['blocks']} blocks, C={sizes['max_cache_len']}, {sizes['kv_dtype']}) = "
@@ -646,6 +687,7 @@ def parse_args(argv):
     p.add_argument("--out", default=str(RUN_ROOT / "bench.json"), help="results JSON")
     p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     p.add_argument("--spec", default="", help=argparse.SUPPRESS)
+    p.add_argument("--write_checkpoint", default="", help=argparse.SUPPRESS)
     return p.parse_args(argv)
 
 
@@ -675,6 +717,9 @@ def _genai_missing() -> str | None:
 @cli_entry
 def main(argv=None):
     a = parse_args(argv)
+    if a.write_checkpoint:
+        _checkpoint_writer()(Path(a.write_checkpoint))
+        return 0
     if a.worker:
         spec = json.loads(Path(a.spec).read_text())
         write_json(spec["result"], WORKERS[a.worker](spec))
@@ -723,10 +768,12 @@ def main(argv=None):
             results[name] = {"skipped": genai_missing}
             log(f"{name}: {genai_missing}")
             continue
-        log(f"{name} ...")
+        load_before = os.getloadavg()
+        log(f"{name} ... (load average {load_before[0]:.2f})")
         try:
             results[name] = runners[name](ctx)
             r = results[name]
+            r["loadavg_before"], r["loadavg_after"] = load_before, os.getloadavg()
             log(f"  TTFT {_f(r['ttft_s'])}s, decode {_f(r['decode_tok_s'], '{:.2f}')} tok/s, "
                 f"peak RSS {r['peak_rss_mib']:.0f} MiB, wall {r['wall_s']:.1f}s")
         except StagepipeError as e:

@@ -97,7 +97,12 @@ def write_checkpoint(model_dir: Path, seed: int = SEED) -> float:
         save_safetensors(tmp / "model.safetensors", LazyTensors(shapes, seed), bf16=True)
         write_json(tmp / "config.json", QWEN3_0_6B)
         write_json(tmp / "generation_config.json", GENERATION_CONFIG)
-        os.replace(tmp, model_dir)
+        try:
+            os.replace(tmp, model_dir)
+        except OSError:  # another process wrote the same folder meanwhile: keep theirs
+            if not (model_dir / "model.safetensors").exists():
+                raise
+            shutil.rmtree(tmp, ignore_errors=True)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

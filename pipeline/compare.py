@@ -8,7 +8,8 @@ For every step folder the two runs share, every .npy file present in both is com
 hidden_block*/logits are compared over the step's real rows only (the first q_len of T rows: prefill padding rows
 are excluded); input_ids/attention_mask/position_ids must be equal. A tensor exceeds the tolerance when
 not np.allclose(a, b, atol, rtol) (B is the reference: |a - b| <= atol + rtol * |b|), or its cosine is below
---min_cosine, or its shapes differ. The sampled tokens are listed side by side.
+--min_cosine, or its shapes differ (except prefill logits kept for all T rows against the last real row only,
+(1,T,V) vs (1,1,V): row q_len-1 is compared), or a file is unreadable. The sampled tokens are listed side by side.
 
 Exit status: 1 when any tensor exceeds (the first one, in time and pipeline order, is named), 0 otherwise,
 2 for a usage error (missing run, no step in common). Steps or tensor files present in one run only are reported

@@ -145,7 +145,10 @@ def run_tokenizer(run_dir: Path, settings: dict | None = None):
     if path is None or not path.is_file():
         return None
     st = path.stat()
-    return _tokenizer(str(path.resolve()), st.st_mtime_ns, st.st_size)
+    try:
+        return _tokenizer(str(path.resolve()), st.st_mtime_ns, st.st_size)
+    except StagepipeError:  # a broken tokenizer.json only costs the text column
+        return None
 
 
 def token_text(tokenizer, token_id: int | None) -> str | None:
@@ -283,9 +286,12 @@ def stage_order(names) -> list[str]:
 
 def inspect_run(run_dir: Path) -> dict:
     settings = read_json(run_dir / "run.json")
-    summary = None
+    summary, summary_error = None, None
     if (run_dir / "summary.json").is_file():
-        summary = load_model_file(run_dir / "summary.json", RunSummary).model_dump()
+        try:
+            summary = load_model_file(run_dir / "summary.json", RunSummary).model_dump()
+        except StagepipeError as e:
+            summary_error = str(e)
     tokenizer = run_tokenizer(run_dir, settings)
     steps = []
     for d in step_dirs(run_dir):
@@ -304,7 +310,7 @@ def inspect_run(run_dir: Path) -> dict:
             "complete": bool(meta) and "output" in meta.stages,
         })
     return {"kind": "run", "path": str(run_dir), "settings": settings, "tokenizer": tokenizer is not None,
-            "steps": steps, "summary": summary}
+            "steps": steps, "summary": summary, "summary_error": summary_error}
 
 
 def print_run(info: dict):
@@ -345,6 +351,9 @@ def print_run(info: dict):
             print(f"problem: {st['error']}")
     print()
     summary = info["summary"]
+    if info.get("summary_error"):
+        print(f"summary: {info['summary_error']}")
+        return
     if summary is None:
         print("summary: no summary.json (the run has not finished its summary task)")
         return
