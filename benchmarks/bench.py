@@ -250,6 +250,16 @@ def run_child(cmd: list, log_path: Path, timeout_s: float, env=None) -> Child:
     return Child(st["rc"], st["wall_s"], st["maxrss_kib"] / 1024, log_path, st["started_at"], st["cpu_s"])
 
 
+def busy_cpu_s() -> float:
+    """CPU seconds the whole machine has spent busy (all processes), from /proc/stat; 0.0 where there is none."""
+    try:
+        fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
+    except (OSError, ValueError):
+        return 0.0
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
 def _require_ok(child: Child, what: str):
     if child.rc != 0:
         raise StagepipeError(f"{what} failed (exit {child.rc}); last lines of {child.log}:\n{child.tail()}")
@@ -610,10 +620,10 @@ def report(results: dict, sizes: dict, lines: list):
                      f"{_fx(_ratio(r['decode_tok_s'], gf.get('decode_tok_s'))):>14} "
                      f"{_fx(_ratio(r['ttft_s'], gf.get('ttft_s'))):>13} "
                      f"{_agree(r.get('tokens'), ra.get('tokens')):>15}")
-    busy = [(labels[k], r["loadavg_before"][0]) for k, r in results.items() if r.get("loadavg_before", [0])[0] > 0.5]
+    busy = [(labels[k], r["other_cpu_share"]) for k, r in results.items() if r.get("other_cpu_share", 0) > 0.05]
     if busy:
-        lines.append("note: the machine was not idle before " + ", ".join(f"{k} (load {v:.2f})" for k, v in busy)
-                     + "; other processes may have slowed those timings")
+        lines.append("note: other processes kept the CPUs busy during " + ", ".join(f"{k} ({v:.0%})" for k, v in busy)
+                     + ": those timings are slowed by them; rerun on an idle machine")
     w, kv = sizes["weights_bytes"], sizes["kv_cache_bytes"]
     lines += ["", f"graph weights {w / MIB:.0f} MiB (each .data file once) + KV cache {kv / MIB:.0f} MiB "
                   f"({sizes['blocks']} blocks, C={sizes['max_cache_len']}, {sizes['kv_dtype']}) = "
@@ -768,12 +778,15 @@ def main(argv=None):
             results[name] = {"skipped": genai_missing}
             log(f"{name}: {genai_missing}")
             continue
-        load_before = os.getloadavg()
-        log(f"{name} ... (load average {load_before[0]:.2f})")
+        log(f"{name} ...")
+        busy0, own0, t0 = busy_cpu_s(), time.process_time(), time.perf_counter()
         try:
             results[name] = runners[name](ctx)
             r = results[name]
-            r["loadavg_before"], r["loadavg_after"] = load_before, os.getloadavg()
+            # CPU time other processes took meanwhile: what the machine spent busy, less this process and the child
+            span = time.perf_counter() - t0
+            other = busy_cpu_s() - busy0 - (time.process_time() - own0) - r.get("cpu_s", 0.0)
+            r["other_cpu_s"], r["other_cpu_share"] = other, other / (span * (os.cpu_count() or 1))
             log(f"  TTFT {_f(r['ttft_s'])}s, decode {_f(r['decode_tok_s'], '{:.2f}')} tok/s, "
                 f"peak RSS {r['peak_rss_mib']:.0f} MiB, wall {r['wall_s']:.1f}s")
         except StagepipeError as e:

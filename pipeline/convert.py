@@ -150,17 +150,23 @@ def _graph_spec(model: onnx.ModelProto, rel_file: str) -> GraphSpec:
                      inputs=_tensor_specs(model.graph.input), outputs=_tensor_specs(model.graph.output))
 
 
-def _link_or_copy(src: Path, dst: Path):
-    """Prefill and decode graphs share one weights file: a hard link (onnxruntime refuses '../' paths)."""
-    try:
-        os.link(src, dst)
-    except OSError:
-        shutil.copyfile(src, dst)
+def _share_weights(src: Path, dst: Path, copy: bool):
+    """Prefill and decode graphs share one weights file on disk through a hard link: onnxruntime refuses
+    external data outside a graph's folder, so a '../' path cannot do it. onnx >= 1.21 in turn refuses to load
+    weights from a file with several links (load_external_data=False still works): --copy_weights is for tools
+    that load weights with it."""
+    if not copy:
+        try:
+            os.link(src, dst)
+            return
+        except OSError:
+            pass
+    shutil.copyfile(src, dst)
 
 
 def convert(model_path, onnx_dir, blocks: int | None = None, layer_split: list[int] | None = None,
             max_input_len: int = 16, max_cache_len: int = 1024, precision: str = "fp32",
-            kv_dtype: str = "float16", log=print) -> Manifest:
+            kv_dtype: str = "float16", copy_weights: bool = False, log=print) -> Manifest:
     model_path, onnx_dir = Path(model_path), Path(onnx_dir)
     if max_input_len < 1 or max_cache_len < max_input_len:
         raise StagepipeError(f"--max_input_len {max_input_len} and --max_cache_len {max_cache_len}: need "
@@ -183,7 +189,7 @@ def convert(model_path, onnx_dir, blocks: int | None = None, layer_split: list[i
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         manifest = _write_onnx_dir(config, ranges, weights, model_path, tmp, max_input_len, max_cache_len,
-                                   precision, kv_dtype, log)
+                                   precision, kv_dtype, copy_weights, log)
         _replace_dir(tmp, onnx_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -193,7 +199,7 @@ def convert(model_path, onnx_dir, blocks: int | None = None, layer_split: list[i
 
 
 def _write_onnx_dir(config, ranges, weights, model_path, out, max_input_len, max_cache_len, precision, kv_dtype,
-                    log) -> Manifest:
+                    copy_weights, log) -> Manifest:
     for mode in ("prefill", "decode"):
         (out / mode).mkdir(parents=True)
     prec = Precision(compute=np.dtype(np.float16 if precision == "fp16" else np.float32), kv=np.dtype(kv_dtype),
@@ -225,7 +231,7 @@ def _write_onnx_dir(config, ranges, weights, model_path, out, max_input_len, max
             done += 1
             log(f"[{done}/{total}] {rel} ({time.perf_counter() - t0:.1f}s)")
         store.close()
-        _link_or_copy(out / "prefill" / f"{stage}.data", out / "decode" / f"{stage}.data")
+        _share_weights(out / "prefill" / f"{stage}.data", out / "decode" / f"{stage}.data", copy_weights)
     graph_hash.update(store.hasher.digest())
 
     copied = []
@@ -274,6 +280,9 @@ def add_convert_args(p: argparse.ArgumentParser):
     p.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
                    help="fp32/fp16: standard ops; int8/int4: weight-only MatMulNBits (com.microsoft), CPU")
     p.add_argument("--kv_dtype", choices=["float16", "float32"], default="float16", help="KV cache dtype")
+    p.add_argument("--copy_weights", action="store_true",
+                   help="decode/*.data as copies instead of hard links to prefill's (onnx >= 1.21 refuses to load "
+                        "weights from hard-linked files; onnxruntime is fine with them)")
 
 
 @cli_entry
@@ -282,7 +291,7 @@ def main(argv=None):
     add_convert_args(p)
     a = p.parse_args(argv)
     convert(a.model_path, a.onnx_dir, a.blocks, a.layer_split, a.max_input_len, a.max_cache_len, a.precision,
-            a.kv_dtype)
+            a.kv_dtype, a.copy_weights)
 
 
 if __name__ == "__main__":

@@ -13,11 +13,24 @@ from doit.reporter import ConsoleReporter
 from pipeline.errors import StagepipeError
 
 
+# doit's own options that take a value (so the value is not mistaken for a task name)
+_DOIT_VALUE_OPTIONS = {"-f", "--file", "-d", "--dir", "--db-file", "--backend", "--check_file_uptodate", "-k",
+                       "--seek-file", "-n", "--process", "-P", "--parallel-type", "-r", "--reporter",
+                       "--output-file", "-o", "--verbosity", "-v", "--failure-verbosity"}
+
+
 def dep_file_for(argv: list[str]) -> str:
     """doit's record of what is up to date: inside the run folder for run_auto, so runs never mix."""
-    args = argv[1:]
-    tasks = [a for a in args if not a.startswith("-")]
-    if tasks and tasks[0] != "run_auto" and tasks[0] not in ("run",):
+    args, tasks = argv[1:], []
+    skip = False
+    for a in args:
+        if skip:
+            skip = False
+        elif a in _DOIT_VALUE_OPTIONS:
+            skip = True
+        elif not a.startswith("-"):
+            tasks.append(a)
+    if "run_auto" not in tasks and any(t not in ("run",) for t in tasks):
         return ".doit.db"
     run_root = "runs/demo"
     for i, a in enumerate(args):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.backends import Backend
+from pipeline.kv_cache import store_slots
 from pipeline.masks import step_inputs
 from pipeline.sampling import SamplingSettings, sample
 
@@ -29,8 +30,8 @@ class MemoryKVCache:
         return self.keys[k], self.values[k]
 
     def store(self, k: int, past_len: int, q_len: int, present_key, present_value):
-        self.keys[k][:, :, :, past_len:past_len + q_len] = present_key[:, :, :, :q_len]
-        self.values[k][:, :, :, past_len:past_len + q_len] = present_value[:, :, :, :q_len]
+        store_slots(self.keys[k], past_len, q_len, present_key)
+        store_slots(self.values[k], past_len, q_len, present_value)
 
 
 def forward_step(backend: Backend, cache, token_ids: list[int], past_len: int) -> np.ndarray:

@@ -74,10 +74,6 @@ class KVCacheDir:
     def past(self, k: int):
         return self._map("key", k), self._map("value", k)
 
-    def store(self, k: int, past_len: int, q_len: int, present_key, present_value):
-        store_slots(self._map("key", k), past_len, q_len, present_key)
-        store_slots(self._map("value", k), past_len, q_len, present_value)
-
     def flush(self):
         for arr in self._maps.values():
             arr.flush()

@@ -79,7 +79,7 @@ class Run:
             raise StagepipeError(f"--steps {params.steps}: must be at least 1")
         self.settings = RunSettings(
             prompt=params.prompt, chat=params.chat, no_think=params.no_think, prompt_token_ids=ids,
-            onnx_dir=str(params.onnx_dir), onnx_fingerprint=m.graphs_fingerprint, backend=params.backend,
+            onnx_dir=str(Path(params.onnx_dir).resolve()), onnx_fingerprint=m.graphs_fingerprint, backend=params.backend,
             max_new_tokens=params.steps, ignore_eos=params.ignore_eos, full_logits=params.full_logits,
             stop_token_ids=[] if params.ignore_eos else m.model.eos_token_ids,
             sampling=check_sampling(params.sampling))
@@ -174,7 +174,8 @@ class Run:
         n = len(self.chunks)
         tokens = self.chunks[s] if s < n else [read_token(self.step_dir(s - 1) / "next_token_id.txt")]
         stage_ops.token_embed(self.backend, StepPaths(self.step_dir(s)), s, self.past_len(s), tokens,
-                              self.settings.sampling, sample_next=s >= n - 1)
+                              self.settings.sampling, sample_next=s >= n - 1,
+                              prev_step_dir=self.step_dir(s - 1) if s else None)
 
     def block(self, s: int, k: int):
         if self.stopped_before(s):
@@ -222,16 +223,17 @@ class Run:
                    "uptodate": [*stopped, config_changed(step_config)],
                    "targets": [str(d / f) for f in ("input_ids.npy", "attention_mask.npy", "position_ids.npy",
                                                     "hidden_block0.npy", "meta.json")]}
+            history = [str(self.step_dir(s - 1) / "logits.npy")] if s else []  # stands for the cache content
             for k in range(blocks):
                 yield {"basename": basename, "name": f"{name}:block{k}", "actions": [_guard(self.block, s, k)],
                        "file_dep": [str(d / f"hidden_block{k}.npy"), str(d / "attention_mask.npy"),
-                                    str(d / "position_ids.npy")],
+                                    str(d / "position_ids.npy"), *history],
                        "targets": [str(d / f"hidden_block{k + 1}.npy")], "uptodate": [*stopped], "verbosity": 2}
             targets = [str(d / "logits.npy")]
             if s >= n - 1:
                 targets += [str(d / "next_token_id.txt"), str(d / "next_token.txt")]
             yield {"basename": basename, "name": f"{name}:output", "actions": [_guard(self.output, s)],
-                   "file_dep": [str(d / f"hidden_block{blocks}.npy")], "targets": targets,
+                   "file_dep": [str(d / f"hidden_block{blocks}.npy"), *history], "targets": targets,
                    "uptodate": [*stopped], "verbosity": 2}
             outputs.append(f"{basename}:{name}:output")
         yield {"basename": basename, "name": "summary", "actions": [_guard(self.summarize)], "task_dep": outputs,

@@ -15,6 +15,7 @@ import numpy as np
 from pipeline.atomic import write_npy, write_text
 from pipeline.backends import Backend
 from pipeline.errors import StagepipeError
+from pipeline.kv_cache import store_slots
 from pipeline.masks import step_inputs
 from pipeline.sampling import check_sampling, sample
 from pipeline.tensors import digest, load_tensor
@@ -62,8 +63,21 @@ def _graph_T(backend: Backend, meta: StepMeta) -> int:
     return backend.manifest.max_input_len if meta.mode == "prefill" else 1
 
 
+def history_of(prev_step_dir: Path | None) -> str:
+    """What a step's cache slots [0, past_len) depend on, in one digest: the previous step's logits, which
+    every earlier token and cache slot feeds. A step whose history changed is recomputed even when its own
+    token did not (an edit upstream can bring back the same token over a different cache)."""
+    if prev_step_dir is None:
+        return ""
+    logits = Path(prev_step_dir) / "logits.npy"
+    if not logits.exists():
+        raise StagepipeError(f"{logits}: the previous step has no logits yet; finish it first")
+    return digest(logits)
+
+
 def token_embed(backend: Backend, paths: StepPaths, step: int, past_len: int, token_ids: list[int],
-                sampling: SamplingSettings, sample_next: bool = True, hidden_out: Path | None = None) -> StepMeta:
+                sampling: SamplingSettings, sample_next: bool = True, hidden_out: Path | None = None,
+                prev_step_dir: Path | None = None) -> StepMeta:
     m = backend.manifest
     vocab = m.model.vocab_size
     bad = [t for t in token_ids if not 0 <= t < vocab]
@@ -72,7 +86,8 @@ def token_embed(backend: Backend, paths: StepPaths, step: int, past_len: int, to
     mode = "prefill" if past_len == 0 or len(token_ids) > 1 else "decode"
     T = m.max_input_len if mode == "prefill" else 1
     hidden_out = Path(hidden_out or paths.hidden(0))
-    inputs_digest = digest(m.graphs_fingerprint, backend.name, step, past_len, token_ids)
+    history = history_of(prev_step_dir) if past_len > 0 else ""
+    inputs_digest = digest(m.graphs_fingerprint, backend.name, step, past_len, token_ids, history)
     if paths.meta.exists() and hidden_out.exists():
         old = load_meta(paths.meta)
         rec = old.stages.get("embed")
@@ -88,7 +103,7 @@ def token_embed(backend: Backend, paths: StepPaths, step: int, past_len: int, to
                     next_past_len=past_len + len(token_ids), max_input_len=m.max_input_len,
                     max_cache_len=m.max_cache_len, input_token_ids=list(token_ids),
                     onnx_fingerprint=m.graphs_fingerprint, backend=backend.name, sampling=check_sampling(sampling),
-                    sample_next=sample_next)
+                    sample_next=sample_next, history=history)
     meta.stages["embed"] = StageRecord(seconds=time.perf_counter() - started, inputs_digest=inputs_digest)
     save_meta(paths.meta, meta)
     return meta
@@ -104,7 +119,7 @@ def block(backend: Backend, paths: StepPaths, k: int, past_key: np.ndarray, past
         raise StagepipeError(f"--block {k}: this model has blocks 0..{len(m.blocks) - 1}")
     hidden_in, hidden_out = Path(hidden_in or paths.hidden(k)), Path(hidden_out or paths.hidden(k + 1))
     name = f"block{k}"
-    inputs_digest = digest(hidden_in, paths.attention_mask, paths.position_ids)
+    inputs_digest = digest(hidden_in, paths.attention_mask, paths.position_ids, meta.history)
     rec = meta.stages.get(name)
     if rec and rec.inputs_digest == inputs_digest and hidden_out.exists():
         return meta
@@ -114,11 +129,11 @@ def block(backend: Backend, paths: StepPaths, k: int, past_key: np.ndarray, past
     hidden = load_tensor(hidden_in, (1, T, H), dtype, "hidden states")
     mask = load_tensor(paths.attention_mask, (1, 1, T, C + T), np.float32, "attention mask")
     positions = load_tensor(paths.position_ids, (1, T), np.int64, "position ids")
-    out, present_key, present_value = backend.block(k, hidden, mask, positions, past_key, past_value)
     if meta.past_len + meta.q_len > C:
         raise StagepipeError(f"{paths.meta}: past_len {meta.past_len} + q_len {meta.q_len} passes the {C}-slot cache")
-    past_key[:, :, :, meta.past_len:meta.next_past_len] = present_key[:, :, :, :meta.q_len]
-    past_value[:, :, :, meta.past_len:meta.next_past_len] = present_value[:, :, :, :meta.q_len]
+    out, present_key, present_value = backend.block(k, hidden, mask, positions, past_key, past_value)
+    store_slots(past_key, meta.past_len, meta.q_len, present_key)
+    store_slots(past_value, meta.past_len, meta.q_len, present_value)
     write_npy(hidden_out, out)
     meta.stages[name] = StageRecord(seconds=time.perf_counter() - started, inputs_digest=inputs_digest)
     save_meta(paths.meta, meta)
@@ -137,7 +152,7 @@ def output(backend: Backend, paths: StepPaths, sampling: SamplingSettings | None
     if sampling is not None and sampling != meta.sampling:
         meta.sampling = check_sampling(sampling)
     hidden_in = Path(hidden_in or paths.hidden(len(m.blocks)))
-    inputs_digest = digest(hidden_in, meta.sampling.model_dump_json(), meta.sample_next, full_logits)
+    inputs_digest = digest(hidden_in, meta.sampling.model_dump_json(), meta.sample_next, full_logits, meta.history)
     rec = meta.stages.get("output")
     done = paths.logits.exists() and (not meta.sample_next or paths.next_token_file.exists())
     if rec and rec.inputs_digest == inputs_digest and done:

@@ -53,6 +53,9 @@ def main(argv=None):
     src.add_argument("--init_tokens", type=Path, help="same as --tokens_file (name used by the original scripts)")
     src.add_argument("--prev_step", type=Path, help="previous step folder: take its next_token_id.txt")
     p.add_argument("--step", type=int, default=None, help="step number (default: from the folder name)")
+    p.add_argument("--after_step", type=Path, default=None,
+                   help="the step this one follows, whose cache it extends (default: --prev_step, else the "
+                        "sibling step_{N-1} folder when past_len > 0)")
     p.add_argument("--hidden_out", type=Path, default=None, help="default STEP_DIR/hidden_block0.npy")
     p.add_argument("--input_ids", type=Path, default=None, help="default STEP_DIR/input_ids.npy")
     add_sampling_args(p)
@@ -79,8 +82,15 @@ def main(argv=None):
     else:
         chunk, sample_next = ids[-1:], True
     sampling = sampling_from_args(a) or SamplingSettings()
-    meta = token_embed(backend, step_paths(a, input_ids=a.input_ids), a.step if a.step is not None else
-                       step_number(a.step_dir), a.past_len, chunk, sampling, sample_next, a.hidden_out)
+    step = a.step if a.step is not None else step_number(a.step_dir)
+    prev = a.after_step or a.prev_step
+    if prev is None and a.past_len > 0:  # by convention the previous step is the sibling step_{N-1}
+        prev = a.step_dir.parent / f"step_{step - 1:04d}"
+        if step < 1 or not prev.is_dir():
+            raise StagepipeError(f"--past_len {a.past_len} > 0: give --after_step (the step before this one); "
+                                 f"{prev} is not there")
+    meta = token_embed(backend, step_paths(a, input_ids=a.input_ids), step, a.past_len, chunk, sampling,
+                       sample_next, a.hidden_out, prev_step_dir=prev)
     print(f"{a.step_dir}: {meta.mode} step {meta.step}, past_len {meta.past_len}, {meta.q_len} tokens")
 
 

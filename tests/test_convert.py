@@ -520,3 +520,15 @@ def test_reconvert_replaces_onnx_dir_atomically(tmp_path, checkpoint_path, monke
         convert(ckpt, onnx_dir, blocks=2, max_input_len=T, max_cache_len=C, log=lambda *a: None)
     assert (onnx_dir / "manifest.json").read_text() == before
     assert sorted(p.name for p in tmp_path.iterdir()) == ["onnx"]
+
+
+def test_copy_weights_loads_with_onnx_package(qwen3_tied, tmp_path):
+    """--copy_weights: plain files, so onnx.load with weights works (onnx >= 1.21 refuses hard-linked data)."""
+    import onnx
+    from pipeline.convert import convert
+
+    out = tmp_path / "onnx"
+    convert(qwen3_tied, out, blocks=2, max_input_len=8, max_cache_len=16, copy_weights=True, log=lambda *a: None)
+    assert os.stat(out / "prefill" / "block0.data").st_ino != os.stat(out / "decode" / "block0.data").st_ino
+    model = onnx.load(str(out / "decode" / "block0.onnx"))  # loads the external weights too
+    assert any(t.raw_data for t in model.graph.initializer)

@@ -293,3 +293,26 @@ def test_cuda_provider_without_gpu_is_one_clear_line(small, tmp_path):
                     "--provider", "cuda", check=False)
     assert proc.returncode != 0
     assert "onnxruntime-gpu" in proc.stdout + proc.stderr and "Traceback" not in proc.stdout + proc.stderr
+
+
+def test_changed_history_recomputes_later_steps_even_with_same_token(small, reference_run, tmp_path):
+    """A step whose earlier cache changed must be recomputed although its own input token is the same."""
+    _, onnx_dir = small
+    root = tmp_path / "run"
+    shutil.copytree(reference_run, root)
+    args = ["--onnx_dir", onnx_dir, "--run_root", root, "--prompt", PROMPT, "--steps", 10, "--ignore_eos"]
+    step4 = json.loads((root / "step_0004" / "meta.json").read_text())
+    # step 4 is changed behind doit's back: its cache slot and its logits (not its sampled token)
+    for kind in ("key", "value"):
+        cache = np.load(root / "kv_cache" / f"past_{kind}_block0.npy", mmap_mode="r+")
+        cache[:, :, :, step4["past_len"]] += 1.0
+        cache.flush()
+        del cache
+    logits = np.load(root / "step_0004" / "logits.npy")
+    np.save(root / "step_0004" / "logits.npy", logits + 1.0)
+    before = (root / "step_0005" / "hidden_block1.npy").read_bytes()
+    run_doit(*args)
+    assert (root / "step_0005" / "input_ids.npy").read_bytes() == (reference_run / "step_0005" /
+                                                                   "input_ids.npy").read_bytes()
+    assert (root / "step_0005" / "hidden_block1.npy").read_bytes() != before, "step 5 kept outputs made over " \
+                                                                             "the old cache"
