@@ -166,6 +166,8 @@ class Run:
             KVCacheDir(self.dir / "kv_cache", self.manifest).open(create=True, reset=True)
         write_text(run_json, self.settings.model_dump_json(indent=2) + "\n")
         self.kv  # create or check the cache now, before any step runs
+        if hasattr(self.backend, "open_all"):
+            self.backend.open_all()  # sessions up front: step timings (TTFT, tokens/s) measure compute only
 
     def embed(self, s: int):
         if self.stopped_before(s):
