@@ -4,7 +4,7 @@
     doit bench [--small] [--model_path CKPT] [--new_tokens 32] [--precision fp32]
 
 Default checkpoint: a random-weight bf16 checkpoint shaped like Qwen3-0.6B (models/bench-qwen3-0.6b, written if
-missing); --small uses the tiny demo checkpoint (models/demo-qwen3) for a quick smoke run. The checkpoint is
+missing by benchmarks/convert_bench.py's writer, plus Qwen3 tokenizer files); --small uses the tiny demo checkpoint (models/demo-qwen3) for a quick smoke run. The checkpoint is
 converted to onnx/bench-... unless that folder is current. Then, for one prompt of --prompt_len tokens and
 --new_tokens greedy new tokens (end-of-sequence ignored), each method runs in a fresh child process:
 
@@ -60,102 +60,19 @@ PROMPT_SOURCE = ("Large language models are neural networks trained on vast amou
                  "can write, translate, summarize and answer questions about almost anything you ask them. Most "
                  "of them are built from a stack of transformer decoder layers that attend to earlier tokens.")
 
-# Qwen3-0.6B's shape (its config.json), random weights
-BENCH_SHAPE = {"hidden_size": 1024, "intermediate_size": 3072, "num_hidden_layers": 28, "num_attention_heads": 16,
-               "num_key_value_heads": 8, "head_dim": 128, "vocab_size": 151936}
-BENCH_SEED_KEY = "stagepipe_bench_seed"
-
 
 # -- the checkpoint ----------------------------------------------------------------------------------------------
-def bench_config(seed: int = 0) -> dict:
-    from pipeline.demo_model import SEED_KEY, VERSION_KEY, demo_config
-
-    cfg = demo_config(seed)
-    cfg.pop(SEED_KEY)
-    cfg.pop(VERSION_KEY)
-    cfg.update(BENCH_SHAPE)
-    cfg["layer_types"] = ["full_attention"] * BENCH_SHAPE["num_hidden_layers"]
-    cfg["max_window_layers"] = BENCH_SHAPE["num_hidden_layers"]
-    cfg[BENCH_SEED_KEY] = int(seed)
-    return cfg
-
-
-def bench_weights(seed: int = 0) -> dict[str, np.ndarray]:
-    """Random float32 weights with the demo model's recipe (pipeline.demo_model) at Qwen3-0.6B's shape."""
-    from pipeline.demo_model import LINEAR_GAIN, NORM_NOISE
-
-    s = BENCH_SHAPE
-    H, I, D, V = s["hidden_size"], s["intermediate_size"], s["head_dim"], s["vocab_size"]
-    NH, KV = s["num_attention_heads"], s["num_key_value_heads"]
-    rng = np.random.default_rng(seed)
-
-    def linear(out_f, in_f):
-        w = rng.standard_normal((out_f, in_f), dtype=np.float32)
-        w *= np.float32(LINEAR_GAIN / math.sqrt(in_f))
-        return w
-
-    def norm(n):
-        return (1.0 + NORM_NOISE * rng.standard_normal(n, dtype=np.float32)).astype(np.float32)
-
-    weights = {"model.embed_tokens.weight": rng.standard_normal((V, H), dtype=np.float32)}
-    for i in range(s["num_hidden_layers"]):
-        p = f"model.layers.{i}."
-        weights.update({
-            p + "input_layernorm.weight": norm(H),
-            p + "self_attn.q_proj.weight": linear(NH * D, H),
-            p + "self_attn.k_proj.weight": linear(KV * D, H),
-            p + "self_attn.v_proj.weight": linear(KV * D, H),
-            p + "self_attn.o_proj.weight": linear(H, NH * D),
-            p + "self_attn.q_norm.weight": norm(D),
-            p + "self_attn.k_norm.weight": norm(D),
-            p + "post_attention_layernorm.weight": norm(H),
-            p + "mlp.gate_proj.weight": linear(I, H),
-            p + "mlp.up_proj.weight": linear(I, H),
-            p + "mlp.down_proj.weight": linear(H, I),
-        })
-    weights["model.norm.weight"] = norm(H)
-    return weights
-
-
-def write_bench_checkpoint(out_dir, seed: int = 0) -> bool:
-    """A Qwen3-0.6B-shaped random bf16 checkpoint with the Qwen3 tokenizer; False if out_dir already has one."""
-    from pipeline.demo_model import demo_generation_config
-    from pipeline.safetensors_io import save_safetensors
+def write_bench_checkpoint(out_dir) -> None:
+    """benchmarks/convert_bench.py's random Qwen3-0.6B-shaped bf16 checkpoint, plus the Qwen3 tokenizer files
+    (that checkpoint has none; run_auto tokenizes the prompt and the genai builder loads a tokenizer)."""
+    from benchmarks.convert_bench import write_checkpoint
     from pipeline.tokenizer import write_qwen3_tokenizer
 
     out_dir = Path(out_dir)
-    if (out_dir / "config.json").exists() and (out_dir / "model.safetensors").exists():
-        return False
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise StagepipeError(f"{out_dir}: exists without config.json/model.safetensors; remove it or pass --model_path")
-    tmp = out_dir.parent / f".{out_dir.name}.writing-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
-        write_qwen3_tokenizer(tmp)
-        save_safetensors(tmp / "model.safetensors", bench_weights(seed), bf16=True)
-        write_json(tmp / "generation_config.json", demo_generation_config())
-        write_json(tmp / "config.json", bench_config(seed))
-        if out_dir.exists():
-            out_dir.rmdir()
-        os.rename(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-    return True
-
-
-def _checkpoint_writer():
-    """benchmarks/convert_bench.py's writer when that module has one (the same checkpoint), else ours."""
-    try:
-        from benchmarks import convert_bench
-    except ImportError:
-        return write_bench_checkpoint
-    for name in ("write_bench_checkpoint", "write_random_checkpoint", "write_checkpoint"):
-        fn = getattr(convert_bench, name, None)
-        if callable(fn):
-            return fn
-    return write_bench_checkpoint
+    if not (out_dir / "model.safetensors").exists():
+        write_checkpoint(out_dir)
+    if not (out_dir / "tokenizer.json").exists():
+        write_qwen3_tokenizer(out_dir)
 
 
 def ensure_checkpoint(a, log) -> Path:
@@ -167,9 +84,10 @@ def ensure_checkpoint(a, log) -> Path:
             log(f"wrote the demo checkpoint to {DEMO_MODEL}")
         return DEMO_MODEL
     path = Path(a.model_path) if a.model_path else BENCH_MODEL
-    if not (path / "config.json").exists():
-        if a.model_path and path != BENCH_MODEL:
+    if a.model_path and path.resolve() != BENCH_MODEL.resolve():
+        if not (path / "config.json").exists():
             raise StagepipeError(f"--model_path {path}: no config.json there")
+    elif not (path / "config.json").exists() or not (path / "tokenizer.json").exists():
         log(f"writing a random Qwen3-0.6B-shaped bf16 checkpoint to {path} ...")
         # in a child: this process stays small (its children's RSS would start from its size)
         child = run_child([sys.executable, "-m", "benchmarks.bench", "--write_checkpoint", path],
@@ -256,8 +174,23 @@ def busy_cpu_s() -> float:
         fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     except (OSError, ValueError):
         return 0.0
-    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)
-    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+    return (sum(fields[:7]) - sum(fields[3:5])) / os.sysconf("SC_CLK_TCK")  # user..softirq less idle, iowait
+
+
+def wait_for_idle(max_s: float, log) -> bool:
+    """Wait (at most max_s) until the CPUs were >= 90% idle over two 5-second windows in a row."""
+    deadline, quiet, ncpu = time.monotonic() + max_s, 0, os.cpu_count() or 1
+    said = False
+    while time.monotonic() < deadline:
+        b0 = busy_cpu_s()
+        time.sleep(5)
+        quiet = quiet + 1 if busy_cpu_s() - b0 < 0.1 * 5 * ncpu else 0
+        if quiet >= 2:
+            return True
+        if not said:
+            log(f"  waiting (up to {max_s:.0f}s) for other processes to leave the CPUs idle ...")
+            said = True
+    return max_s <= 0
 
 
 def _require_ok(child: Child, what: str):
@@ -282,6 +215,8 @@ def ensure_onnx(model_path: Path, onnx_dir: Path, a, log) -> dict:
     reason = staleness(onnx_dir, model_path, wanted)
     if reason is None and a.blocks and len(load_manifest(onnx_dir).blocks) != a.blocks:
         reason = f"not {a.blocks} blocks"
+    if reason is None and (model_path / "tokenizer.json").exists() and not (onnx_dir / "tokenizer.json").exists():
+        reason = "converted before the checkpoint had tokenizer files"
     if reason is None:
         log(f"{onnx_dir} is current")
         return {"converted": False}
@@ -620,10 +555,10 @@ def report(results: dict, sizes: dict, lines: list):
                      f"{_fx(_ratio(r['decode_tok_s'], gf.get('decode_tok_s'))):>14} "
                      f"{_fx(_ratio(r['ttft_s'], gf.get('ttft_s'))):>13} "
                      f"{_agree(r.get('tokens'), ra.get('tokens')):>15}")
-    busy = [(labels[k], r["other_cpu_share"]) for k, r in results.items() if r.get("other_cpu_share", 0) > 0.05]
+    busy = [(labels[k], r["other_cpu_share"]) for k, r in results.items() if r.get("other_cpu_share", 0) > BUSY_SHARE]
     if busy:
         lines.append("note: other processes kept the CPUs busy during " + ", ".join(f"{k} ({v:.0%})" for k, v in busy)
-                     + ": those timings are slowed by them; rerun on an idle machine")
+                     + ": those timings are slowed by them (rerun on an idle machine)")
     w, kv = sizes["weights_bytes"], sizes["kv_cache_bytes"]
     lines += ["", f"graph weights {w / MIB:.0f} MiB (each .data file once) + KV cache {kv / MIB:.0f} MiB "
                   f"({sizes['blocks']} blocks, C={sizes['max_cache_len']}, {sizes['kv_dtype']}) = "
@@ -675,6 +610,27 @@ def report(results: dict, sizes: dict, lines: list):
 
 
 # -- main --------------------------------------------------------------------------------------------------------
+BUSY_SHARE = 0.10  # a method during which other processes took more of the CPUs than this is rerun (--retries)
+
+
+def measure(runner, ctx, log) -> dict:
+    """One method's result, with how much CPU other processes took meanwhile (they slow the timings)."""
+    busy0, own0, t0 = busy_cpu_s(), time.process_time(), time.perf_counter()
+    try:
+        r = runner(ctx)
+    except StagepipeError as e:
+        log(f"  failed: {e}")
+        return {"error": str(e).splitlines()[0]}
+    span = time.perf_counter() - t0
+    # what the machine spent busy, less this process and the method's own processes
+    other = max(0.0, busy_cpu_s() - busy0 - (time.process_time() - own0) - r.get("cpu_s", 0.0))
+    r["other_cpu_s"], r["other_cpu_share"] = other, other / (span * (os.cpu_count() or 1))
+    log(f"  TTFT {_f(r['ttft_s'])}s, decode {_f(r['decode_tok_s'], '{:.2f}')} tok/s, peak RSS "
+        f"{r['peak_rss_mib']:.0f} MiB, wall {r['wall_s']:.1f}s; other processes took {r['other_cpu_share']:.0%} "
+        "of the CPUs meanwhile")
+    return r
+
+
 METHODS = ("run_auto", "in_memory", "by_hand", "genai_fp32", "genai_int4")
 
 
@@ -694,6 +650,10 @@ def parse_args(argv):
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     p.add_argument("--threads", type=int, default=0, help="in-memory loop's intra-op threads (0: onnxruntime's)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds any one child process may take")
+    p.add_argument("--wait_idle", type=float, default=120,
+                   help="before each method wait up to this many seconds for idle CPUs (0: do not wait)")
+    p.add_argument("--retries", type=int, default=2,
+                   help=f"rerun a method up to this many times if other processes took > {BUSY_SHARE * 100:.0f}%% of the CPUs")
     p.add_argument("--out", default=str(RUN_ROOT / "bench.json"), help="results JSON")
     p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     p.add_argument("--spec", default="", help=argparse.SUPPRESS)
@@ -715,6 +675,18 @@ def _versions() -> dict:
     return v
 
 
+def _code_state() -> dict:
+    """The commit measured, and which files differed from it (the numbers belong to that code)."""
+    def git(*args):
+        try:
+            return subprocess.run(["git", *args], cwd=REPO, capture_output=True, text=True, timeout=30).stdout.strip()
+        except (OSError, subprocess.SubprocessError):
+            return ""
+
+    return {"commit": git("rev-parse", "HEAD"),
+            "changed": git("status", "--porcelain", "--", "pipeline", "stages", "schemas", "dodo.py").splitlines()}
+
+
 def _genai_missing() -> str | None:
     import importlib.util
 
@@ -728,7 +700,7 @@ def _genai_missing() -> str | None:
 def main(argv=None):
     a = parse_args(argv)
     if a.write_checkpoint:
-        _checkpoint_writer()(Path(a.write_checkpoint))
+        write_bench_checkpoint(a.write_checkpoint)
         return 0
     if a.worker:
         spec = json.loads(Path(a.spec).read_text())
@@ -770,6 +742,7 @@ def main(argv=None):
     runners = {"run_auto": bench_run_auto, "in_memory": bench_in_memory, "by_hand": bench_by_hand,
                "genai_fp32": lambda c: bench_genai(c, "fp32"), "genai_int4": lambda c: bench_genai(c, "int4")}
     genai_missing = _genai_missing()
+    code = _code_state()
     results = {}
     for name in METHODS:
         if name not in methods:
@@ -778,25 +751,19 @@ def main(argv=None):
             results[name] = {"skipped": genai_missing}
             log(f"{name}: {genai_missing}")
             continue
-        log(f"{name} ...")
-        busy0, own0, t0 = busy_cpu_s(), time.process_time(), time.perf_counter()
-        try:
-            results[name] = runners[name](ctx)
-            r = results[name]
-            # CPU time other processes took meanwhile: what the machine spent busy, less this process and the child
-            span = time.perf_counter() - t0
-            other = busy_cpu_s() - busy0 - (time.process_time() - own0) - r.get("cpu_s", 0.0)
-            r["other_cpu_s"], r["other_cpu_share"] = other, other / (span * (os.cpu_count() or 1))
-            log(f"  TTFT {_f(r['ttft_s'])}s, decode {_f(r['decode_tok_s'], '{:.2f}')} tok/s, "
-                f"peak RSS {r['peak_rss_mib']:.0f} MiB, wall {r['wall_s']:.1f}s")
-        except StagepipeError as e:
-            results[name] = {"error": str(e).splitlines()[0]}
-            log(f"  failed: {e}")
+        for attempt in range(1 + a.retries):
+            log(f"{name} ..." + (f" (again: other processes were busy, attempt {attempt + 1})" if attempt else ""))
+            if a.wait_idle > 0:
+                wait_for_idle(a.wait_idle, log)
+            r = measure(runners[name], ctx, log)
+            results[name] = r
+            if r.get("other_cpu_share", 0) <= BUSY_SHARE:
+                break
     lines = ["", f"stagepipe benchmark: {model_path} ({sizes['layers']} layers, hidden {sizes['hidden_size']}), "
                  f"{len(ids)}-token prompt, {a.new_tokens} new tokens, {os.cpu_count()} CPUs"]
     targets = report(results, sizes, lines)
     print("\n".join(lines), flush=True)
-    write_json(out_path, {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": _versions(),
+    write_json(out_path, {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": _versions(), "code": code,
                           "model_path": str(model_path), "onnx_dir": str(onnx_dir), "settings": vars(a) | {
                               "worker": None}, "prompt": prompt, "prompt_token_ids": ids, "sizes": sizes,
                           "convert": convert_info, "results": results, "targets": targets, "table": lines})
