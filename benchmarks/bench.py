@@ -4,9 +4,10 @@
     doit bench [--small] [--model_path CKPT] [--new_tokens 32] [--precision fp32]
 
 Default checkpoint: a random-weight bf16 checkpoint shaped like Qwen3-0.6B (models/bench-qwen3-0.6b, written if
-missing by benchmarks/convert_bench.py's writer, plus Qwen3 tokenizer files); --small uses the tiny demo checkpoint (models/demo-qwen3) for a quick smoke run. The checkpoint is
-converted to onnx/bench-... unless that folder is current. Then, for one prompt of --prompt_len tokens and
---new_tokens greedy new tokens (end-of-sequence ignored), each method runs in a fresh child process:
+missing by benchmarks/convert_bench.py's writer, plus Qwen3 tokenizer files); --small uses the tiny demo checkpoint
+(models/demo-qwen3) for a quick smoke run. The checkpoint is converted to onnx/bench-... unless that is current.
+Then, for one prompt of --prompt_len tokens and --new_tokens greedy new tokens (end-of-sequence ignored), each
+method runs in a fresh child process:
 
   run_auto    the real `python -m doit -f dodo.py run_auto ... --clean --ignore_eos` command; TTFT and decode tok/s
               from its summary.json (stage seconds as run_auto records them), plus the command's wall clock and
@@ -20,8 +21,8 @@ converted to onnx/bench-... unless that folder is current. Then, for one prompt 
 Peak RSS is each command's own: a small stdlib-only launcher (`python -S`) forks and execs the command and takes
 os.wait4's rusage of it (which also covers the processes the command waited for). Measuring from this process
 instead would be wrong twice over: getrusage(RUSAGE_CHILDREN).ru_maxrss is the maximum over all children so far,
-and Linux starts a child's ru_maxrss at the RSS of the process it was forked from (here several GiB after
-writing the checkpoint), so every child would look at least that big. The launcher adds <= ~10 MiB.
+and Linux starts a child's ru_maxrss at the RSS of the process it was forked from, so every child would look at
+least as big as this process (several GiB, had it written the checkpoint itself). The launcher adds <= ~10 MiB.
 Results: a table on stdout and runs/bench/bench.json.
 """
 from __future__ import annotations
@@ -53,8 +54,8 @@ from pipeline.errors import StagepipeError, cli_entry  # noqa: E402
 BENCH_MODEL = Path("models/bench-qwen3-0.6b")
 RUN_ROOT = Path("runs/bench")
 MIB = 1 << 20
-GENAI_EXTRA = ('genai = ["onnxruntime-genai>=0.18", "onnx-ir>=0.1", "torch>=2.2", "transformers>=4.51"]  '
-               "(onnx-ir, torch and transformers are needed only by its model builder)")
+GENAI_EXTRA = ("pip install -e '.[bench]' (onnxruntime-genai>=0.18; its model builder also imports onnx-ir, torch "
+               "and transformers)")
 PROMPT_SOURCE = ("Large language models are neural networks trained on vast amounts of text to predict the next "
                  "word in a sentence. They learn grammar, facts about the world and some reasoning ability, and "
                  "can write, translate, summarize and answer questions about almost anything you ask them. Most "
@@ -297,7 +298,8 @@ def bench_run_auto(ctx) -> dict:
         if (d / "next_token_id.txt").exists():
             token_times.append((d / "next_token_id.txt").stat().st_mtime)
     decode = step_s[n_chunks:]
-    steady = decode[1:]  # the first decode step also creates the decode graphs' sessions
+    steady = decode[1:]  # the first decode step is the decode graphs' first run (and creates their sessions where
+    # the backend opens sessions lazily)
     out = {"ttft_s": s["time_to_first_token_s"], "decode_tok_s": s["decode_tokens_per_s"],
            "peak_rss_mib": child.peak_rss_mib, "wall_s": child.wall_s, "cpu_s": child.cpu_s,
            "tokens": s["generated_token_ids"],
@@ -306,8 +308,8 @@ def bench_run_auto(ctx) -> dict:
            "steady_decode_tok_s": len(steady) / sum(steady) if steady and sum(steady) > 0 else None,
            "decode_stage_mean_s": {k: float(np.mean(v)) for k, v in stage_s.items()},
            "decode_stage_mean_s_excl_first": {k: float(np.mean(v[1:])) for k, v in stage_s.items() if len(v) > 1},
-           "note": "TTFT and decode tok/s: summary.json (sum of stage seconds; sessions are created lazily "
-                   "inside the first prefill/decode step's stage timers)"}
+           "note": "TTFT and decode tok/s: summary.json (the sum of the steps' stage seconds, as run_auto records "
+                   "them: not doit's bookkeeping between stages); wall_*: from outside, by file times"}
     if len(token_times) >= 2:  # from outside: the times next_token_id.txt files were written
         out["wall_ttft_s"] = token_times[0] - child.started_at
         out["wall_decode_tok_s"] = (len(token_times) - 1) / (token_times[-1] - token_times[0])
@@ -564,7 +566,7 @@ def report(results: dict, sizes: dict, lines: list):
                   f"({sizes['blocks']} blocks, C={sizes['max_cache_len']}, {sizes['kv_dtype']}) = "
                   f"{(w + kv) / MIB:.0f} MiB; 1.3x = {1.3 * (w + kv) / MIB:.0f} MiB"]
     if "steady_decode_tok_s" in ra:
-        lines.append(f"run_auto: first decode step {_f(ra['first_decode_step_s'])}s (creates the decode sessions); "
+        lines.append(f"run_auto: first decode step {_f(ra['first_decode_step_s'])}s (the decode graphs' first run); "
                      f"decode excluding it {_f(ra['steady_decode_tok_s'], '{:.2f}')} tok/s (stage seconds), "
                      f"{_f(ra.get('wall_steady_decode_tok_s'), '{:.2f}')} tok/s (file times)")
         per = ra.get("decode_stage_mean_s_excl_first") or ra["decode_stage_mean_s"]
@@ -653,7 +655,8 @@ def parse_args(argv):
     p.add_argument("--wait_idle", type=float, default=120,
                    help="before each method wait up to this many seconds for idle CPUs (0: do not wait)")
     p.add_argument("--retries", type=int, default=2,
-                   help=f"rerun a method up to this many times if other processes took > {BUSY_SHARE * 100:.0f}%% of the CPUs")
+                   help=f"rerun a method up to this many times if other processes took more than "
+                        f"{BUSY_SHARE * 100:.0f}%% of the CPUs")
     p.add_argument("--out", default=str(RUN_ROOT / "bench.json"), help="results JSON")
     p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     p.add_argument("--spec", default="", help=argparse.SUPPRESS)

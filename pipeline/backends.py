@@ -70,6 +70,9 @@ class OnnxBackend(Backend):
             opts = ort.SessionOptions()
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             opts.add_session_config_entry("session.disable_prepacking", "1")
+            # stages run one after another: idle worker threads must sleep, not spin and steal the cores
+            # from the next stage's session (measured: decode 3.6 -> ~9 tok/s in-memory on 2 cores)
+            opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
             if self.threads:
                 opts.intra_op_num_threads = self.threads
             path = self.onnx_dir / self.manifest.graphs[mode][stage].file
