@@ -11,6 +11,7 @@ import numpy as np
 
 from pipeline.errors import StagepipeError
 from pipeline.manifest_io import load_manifest
+from pipeline.masks import hidden_dtype
 from schemas.manifest import Manifest
 
 
@@ -115,7 +116,7 @@ class ReferenceBackend(Backend):
             raise StagepipeError(f"reference backend: checkpoint {path} (from manifest.json source_path) is gone; "
                                  "pass --model_path")
         self.model = ReferenceModel(path)
-        self.compute_dtype = np.float16 if self.manifest.precision == "fp16" else np.float32
+        self.compute_dtype = hidden_dtype(self.manifest)
 
     def embed(self, input_ids):
         self.mode_for(input_ids.shape[1])

@@ -7,8 +7,8 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.backends import Backend
-from pipeline.kv_cache import store_slots
-from pipeline.masks import step_inputs
+from pipeline.kv_cache import block_shape, store_slots
+from pipeline.masks import graph_T, step_inputs, step_mode
 from pipeline.sampling import SamplingSettings, sample
 
 
@@ -21,10 +21,9 @@ class MemoryKVCache:
     """Per-block (Lk,1,KV,C,D) arrays; a step writes only its new slots [past_len, past_len+q_len)."""
 
     def __init__(self, manifest):
-        m, dtype = manifest.model, np.dtype(manifest.kv_dtype)
-        shape = lambda b: (b.num_layers, 1, m.num_key_value_heads, manifest.max_cache_len, m.head_dim)
-        self.keys = [np.zeros(shape(b), dtype) for b in manifest.blocks]
-        self.values = [np.zeros(shape(b), dtype) for b in manifest.blocks]
+        dtype, blocks = np.dtype(manifest.kv_dtype), range(len(manifest.blocks))
+        self.keys = [np.zeros(block_shape(manifest, k), dtype) for k in blocks]
+        self.values = [np.zeros(block_shape(manifest, k), dtype) for k in blocks]
 
     def past(self, k: int):
         return self.keys[k], self.values[k]
@@ -37,7 +36,7 @@ class MemoryKVCache:
 def forward_step(backend: Backend, cache, token_ids: list[int], past_len: int) -> np.ndarray:
     """Run embed -> blocks -> output for one step; returns the logits row of the last real token."""
     m = backend.manifest
-    T = m.max_input_len if past_len == 0 or len(token_ids) > 1 else 1
+    T = graph_T(m, step_mode(past_len, len(token_ids)))
     input_ids, mask, positions = step_inputs(token_ids, past_len, T, m.max_cache_len, m.mask_value)
     hidden = backend.embed(input_ids)
     for k in range(len(m.blocks)):

@@ -11,6 +11,20 @@ import numpy as np
 from pipeline.errors import StagepipeError
 
 
+def step_mode(past_len: int, q_len: int) -> str:
+    """Which graphs a step runs: prefill (T = max_input_len) for a first or multi-token step, else decode (T = 1)."""
+    return "prefill" if past_len == 0 or q_len > 1 else "decode"
+
+
+def graph_T(manifest, mode: str) -> int:
+    return manifest.max_input_len if mode == "prefill" else 1
+
+
+def hidden_dtype(manifest) -> np.dtype:
+    """dtype of the hidden states passed between stages."""
+    return np.dtype(np.float16 if manifest.precision == "fp16" else np.float32)
+
+
 def step_inputs(token_ids, past_len: int, T: int, C: int, mask_value: float, pad_id: int = 0):
     """-> input_ids int64 (1,T), attention_mask float32 (1,1,T,C+T), position_ids int64 (1,T)."""
     q_len = len(token_ids)

@@ -20,6 +20,7 @@ from pipeline import stage_ops
 from pipeline.atomic import write_text
 from pipeline.backends import make_backend
 from pipeline.errors import StagepipeError
+from pipeline.generate import prompt_chunks
 from pipeline.kv_cache import KVCacheDir
 from pipeline.manifest_io import load_manifest
 from pipeline.run_lock import lock_run_dir
@@ -83,8 +84,7 @@ class Run:
             max_new_tokens=params.steps, ignore_eos=params.ignore_eos, full_logits=params.full_logits,
             stop_token_ids=[] if params.ignore_eos else m.model.eos_token_ids,
             sampling=check_sampling(params.sampling))
-        T = m.max_input_len
-        self.chunks = [ids[i:i + T] for i in range(0, len(ids), T)]
+        self.chunks = prompt_chunks(ids, m.max_input_len)
         # the first new token comes from the last prompt step; each decode step then feeds one token in
         decode_steps = min(params.steps - 1, m.max_cache_len - len(ids))
         self.n_steps = len(self.chunks) + decode_steps

@@ -16,7 +16,7 @@ from pipeline.atomic import write_npy, write_text
 from pipeline.backends import Backend
 from pipeline.errors import StagepipeError
 from pipeline.kv_cache import store_slots
-from pipeline.masks import step_inputs
+from pipeline.masks import graph_T, hidden_dtype, step_inputs, step_mode
 from pipeline.sampling import check_sampling, sample
 from pipeline.tensors import digest, load_tensor
 from pipeline.validation import load_model_file
@@ -59,10 +59,6 @@ def save_meta(path: Path, meta: StepMeta):
     write_text(path, meta.model_dump_json(indent=2) + "\n")
 
 
-def _graph_T(backend: Backend, meta: StepMeta) -> int:
-    return backend.manifest.max_input_len if meta.mode == "prefill" else 1
-
-
 def history_of(prev_step_dir: Path | None) -> str:
     """What a step's cache slots [0, past_len) depend on, in one digest: the previous step's logits, which
     every earlier token and cache slot feeds. A step whose history changed is recomputed even when its own
@@ -83,8 +79,8 @@ def token_embed(backend: Backend, paths: StepPaths, step: int, past_len: int, to
     bad = [t for t in token_ids if not 0 <= t < vocab]
     if bad:
         raise StagepipeError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
-    mode = "prefill" if past_len == 0 or len(token_ids) > 1 else "decode"
-    T = m.max_input_len if mode == "prefill" else 1
+    mode = step_mode(past_len, len(token_ids))
+    T = graph_T(m, mode)
     hidden_out = Path(hidden_out or paths.hidden(0))
     history = history_of(prev_step_dir) if past_len > 0 else ""
     inputs_digest = digest(m.graphs_fingerprint, backend.name, step, past_len, token_ids, history)
@@ -124,9 +120,8 @@ def block(backend: Backend, paths: StepPaths, k: int, past_key: np.ndarray, past
     if rec and rec.inputs_digest == inputs_digest and hidden_out.exists():
         return meta
     started = time.perf_counter()
-    T, H, C = _graph_T(backend, meta), m.model.hidden_size, m.max_cache_len
-    dtype = np.float16 if m.precision == "fp16" else np.float32
-    hidden = load_tensor(hidden_in, (1, T, H), dtype, "hidden states")
+    T, H, C = graph_T(m, meta.mode), m.model.hidden_size, m.max_cache_len
+    hidden = load_tensor(hidden_in, (1, T, H), hidden_dtype(m), "hidden states")
     mask = load_tensor(paths.attention_mask, (1, 1, T, C + T), np.float32, "attention mask")
     positions = load_tensor(paths.position_ids, (1, T), np.int64, "position ids")
     if meta.past_len + meta.q_len > C:
@@ -158,9 +153,8 @@ def output(backend: Backend, paths: StepPaths, sampling: SamplingSettings | None
     if rec and rec.inputs_digest == inputs_digest and done:
         return meta
     started = time.perf_counter()
-    T, H = _graph_T(backend, meta), m.model.hidden_size
-    dtype = np.float16 if m.precision == "fp16" else np.float32
-    hidden = load_tensor(hidden_in, (1, T, H), dtype, "hidden states")
+    T, H = graph_T(m, meta.mode), m.model.hidden_size
+    hidden = load_tensor(hidden_in, (1, T, H), hidden_dtype(m), "hidden states")
     last_row = T > 1 and not full_logits
     logits = backend.output(hidden[:, meta.q_len - 1:meta.q_len] if last_row else hidden)
     write_npy(paths.logits, logits)
