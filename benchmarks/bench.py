@@ -279,7 +279,8 @@ def _step_dirs(root: Path) -> list[Path]:
 def bench_run_auto(ctx) -> dict:
     a, root = ctx["args"], RUN_ROOT / "run_auto"
     cmd = [sys.executable, "-m", "doit", "-f", "dodo.py", "run_auto", "--onnx_dir", ctx["onnx_dir"],
-           "--run_root", root, "--clean", "--ignore_eos", "--steps", a.new_tokens, "--prompt", ctx["prompt"]]
+           "--run_root", root, "--clean", "--ignore_eos", "--steps", a.new_tokens, "--prompt", ctx["prompt"],
+           "--provider", a.provider]
     child = run_child(cmd, RUN_ROOT / "logs" / "run_auto.log", a.timeout)
     _require_ok(child, "doit run_auto")
     s = json.loads((root / "summary.json").read_text())
@@ -331,7 +332,8 @@ def _worker_cmd(kind: str, spec: dict, name: str) -> tuple[list, Path]:
 def bench_in_memory(ctx) -> dict:
     a = ctx["args"]
     cmd, result = _worker_cmd("inmemory", {"onnx_dir": str(ctx["onnx_dir"]), "prompt_ids": ctx["prompt_ids"],
-                                           "new_tokens": a.new_tokens, "threads": a.threads}, "in_memory")
+                                           "new_tokens": a.new_tokens, "threads": a.threads, "provider": a.provider},
+                                  "in_memory")
     child = run_child(cmd, RUN_ROOT / "logs" / "in_memory.log", a.timeout)
     _require_ok(child, "in-memory worker")
     return {**json.loads(result.read_text()), "peak_rss_mib": child.peak_rss_mib, "wall_s": child.wall_s,
@@ -350,7 +352,7 @@ def bench_by_hand(ctx) -> dict:
     n_prompt = len(ctx["prompt_ids"])
     n_chunks = -(-n_prompt // T)
     decode_steps = max(0, min(a.hand_steps, a.new_tokens - 1))
-    common = ["--onnx_dir", onnx_dir]
+    common = ["--onnx_dir", onnx_dir, "--provider", a.provider]
     step_walls, peak, stage_walls, tokens, cpu = [], 0.0, {}, [], 0.0
     for s in range(n_chunks + decode_steps):
         step = root / f"step_{s:04d}"
@@ -399,16 +401,17 @@ def stage_hf_dir(model_path: Path) -> Path:
     return src
 
 
-def _source_stamp(model_path: Path, precision: str) -> dict:
+def _source_stamp(model_path: Path, precision: str, provider: str) -> dict:
     files = sorted(p for p in model_path.iterdir() if p.suffix in (".json", ".safetensors") and p.is_file())
-    return {"source": str(model_path.resolve()), "precision": precision,
+    return {"source": str(model_path.resolve()), "precision": precision, "provider": provider,
             "files": {p.name: [p.stat().st_size, p.stat().st_mtime_ns] for p in files}}
 
 
 def ensure_genai_model(model_path: Path, precision: str, a, log) -> tuple[Path, dict]:
-    out = Path("onnx") / f"bench-genai-{model_path.name.removeprefix('bench-')}-{precision}"
+    suffix = "" if a.provider == "cpu" else f"-{a.provider}"
+    out = Path("onnx") / f"bench-genai-{model_path.name.removeprefix('bench-')}-{precision}{suffix}"
     stamp_path = out / "stagepipe_bench_source.json"
-    stamp = _source_stamp(model_path, precision)
+    stamp = _source_stamp(model_path, precision, a.provider)
     if stamp_path.exists() and json.loads(stamp_path.read_text()) == stamp:
         log(f"{out} is current")
         return out, {"built": False}
@@ -417,7 +420,7 @@ def ensure_genai_model(model_path: Path, precision: str, a, log) -> tuple[Path, 
     tmp = out.parent / f".{out.name}.building"
     shutil.rmtree(tmp, ignore_errors=True)
     cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", src, "-o", tmp, "-p", precision,
-           "-e", "cpu", "-c", RUN_ROOT / "genai_cache"]
+           "-e", a.provider, "-c", RUN_ROOT / "genai_cache"]
     child = run_child(cmd, RUN_ROOT / "logs" / f"genai_build_{precision}.log", a.timeout)
     _require_ok(child, f"onnxruntime-genai model builder ({precision})")
     write_json(tmp / stamp_path.name, stamp)
@@ -447,7 +450,7 @@ def worker_in_memory(spec: dict) -> dict:
     from pipeline.sampling import SamplingSettings
 
     t = time.perf_counter()
-    backend = OnnxBackend(Path(spec["onnx_dir"]), threads=spec.get("threads", 0))
+    backend = OnnxBackend(Path(spec["onnx_dir"]), provider=spec.get("provider", "cpu"), threads=spec.get("threads", 0))
     m = backend.manifest
     for mode in ("prefill", "decode"):
         for stage in m.stage_names():
@@ -650,6 +653,9 @@ def parse_args(argv):
     p.add_argument("--blocks", type=int, default=0, help="decoder blocks (default: the converter's, 4)")
     p.add_argument("--hand_steps", type=int, default=4, help="decode steps timed by hand (default 4)")
     p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    p.add_argument("--provider", choices=["cpu", "cuda"], default="cpu",
+                   help="onnxruntime execution provider for every method (cuda: onnxruntime-gpu and, for genai, "
+                        "onnxruntime-genai-cuda)")
     p.add_argument("--threads", type=int, default=0, help="in-memory loop's intra-op threads (0: onnxruntime's)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds any one child process may take")
     p.add_argument("--wait_idle", type=float, default=120,
@@ -668,6 +674,7 @@ def _versions() -> dict:
     import onnxruntime
 
     v = {"python": platform.python_version(), "numpy": np.__version__, "onnxruntime": onnxruntime.__version__,
+         "onnxruntime_providers": onnxruntime.get_available_providers(),
          "cpu_count": os.cpu_count(), "machine": platform.machine(), "platform": platform.platform()}
     try:
         import onnxruntime_genai
