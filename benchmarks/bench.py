@@ -332,7 +332,8 @@ def _worker_cmd(kind: str, spec: dict, name: str) -> tuple[list, Path]:
 def bench_in_memory(ctx) -> dict:
     a = ctx["args"]
     cmd, result = _worker_cmd("inmemory", {"onnx_dir": str(ctx["onnx_dir"]), "prompt_ids": ctx["prompt_ids"],
-                                           "new_tokens": a.new_tokens, "threads": a.threads, "provider": a.provider},
+                                           "new_tokens": a.new_tokens, "threads": a.threads, "provider": a.provider,
+                                           "warmup": a.warmup},
                                   "in_memory")
     child = run_child(cmd, RUN_ROOT / "logs" / "in_memory.log", a.timeout)
     _require_ok(child, "in-memory worker")
@@ -435,7 +436,7 @@ def bench_genai(ctx, precision: str) -> dict:
     a, log = ctx["args"], ctx["log"]
     genai_dir, build = ensure_genai_model(ctx["model_path"], precision, a, log)
     cmd, result = _worker_cmd("genai", {"genai_dir": str(genai_dir), "prompt_ids": ctx["prompt_ids"],
-                                        "new_tokens": a.new_tokens}, f"genai_{precision}")
+                                        "new_tokens": a.new_tokens, "warmup": a.warmup}, f"genai_{precision}")
     child = run_child(cmd, RUN_ROOT / "logs" / f"genai_{precision}.log", a.timeout)
     _require_ok(child, f"genai {precision} worker")
     size = sum(p.stat().st_size for p in genai_dir.iterdir() if p.name.startswith("model.onnx"))
@@ -466,6 +467,9 @@ def worker_in_memory(spec: dict) -> dict:
 
     backend.output = output
     ids = spec["prompt_ids"]
+    if spec.get("warmup"):  # one untimed generation first: first-run costs (CUDA kernels, handles) kept out
+        generate(backend, ids, 2, SamplingSettings(greedy=True), stop_ids=frozenset())
+        stamps.clear()
     t0 = time.perf_counter()
     tokens = generate(backend, ids, spec["new_tokens"], SamplingSettings(greedy=True), stop_ids=frozenset())
     t_end = time.perf_counter()
@@ -485,6 +489,13 @@ def worker_genai(spec: dict) -> dict:
     load_s = time.perf_counter() - t
     ids, n = spec["prompt_ids"], spec["new_tokens"]
     total = len(ids) + n
+    if spec.get("warmup"):  # as the in-memory worker: one untimed short generation first
+        params = og.GeneratorParams(model)
+        params.set_search_options(do_sample=False, max_length=len(ids) + 2, min_length=len(ids) + 2)
+        gen = og.Generator(model, params)
+        gen.append_tokens(np.asarray([ids], dtype=np.int32))
+        while not gen.is_done():
+            gen.generate_next_token()
     t0 = time.perf_counter()
     params = og.GeneratorParams(model)
     params.set_search_options(do_sample=False, max_length=total, min_length=total)
@@ -527,11 +538,12 @@ def _agree(tokens, ref) -> str:
 
 def report(results: dict, sizes: dict, lines: list):
     ra = results.get("run_auto", {})
-    gf = results.get("genai_fp32", {})
+    gp = sizes["precision"]  # compare with genai at the same precision
+    gf = results.get(f"genai_{gp}", {})
     rows = []
     labels = {"run_auto": "run_auto (doit, summary.json)", "in_memory": "in-memory generate()",
               "by_hand": "by-hand stage processes", "genai_fp32": "onnxruntime-genai fp32",
-              "genai_int4": "onnxruntime-genai int4"}
+              "genai_fp16": "onnxruntime-genai fp16", "genai_int4": "onnxruntime-genai int4"}
     for key, label in labels.items():
         r = results.get(key)
         if r is None:
@@ -590,14 +602,14 @@ def report(results: dict, sizes: dict, lines: list):
     lines += ["", "targets:"]
     rd, gd = ra.get("decode_tok_s"), gf.get("decode_tok_s")
     if rd and gd:
-        target("decode", rd >= 0.9 * gd, f"run_auto {rd:.2f} tok/s vs 0.9 x genai fp32 {gd:.2f} = {0.9 * gd:.2f}")
+        target("decode", rd >= 0.9 * gd, f"run_auto {rd:.2f} tok/s vs 0.9 x genai {gp} {gd:.2f} = {0.9 * gd:.2f}")
     else:
-        target("decode", None, "needs run_auto and genai fp32 results")
+        target("decode", None, f"needs run_auto and genai {gp} results")
     rt, gt = ra.get("ttft_s"), gf.get("ttft_s")
     if rt and gt:
-        target("ttft", rt <= 1.2 * gt, f"run_auto {rt:.3f}s vs 1.2 x genai fp32 {gt:.3f}s = {1.2 * gt:.3f}s")
+        target("ttft", rt <= 1.2 * gt, f"run_auto {rt:.3f}s vs 1.2 x genai {gp} {gt:.3f}s = {1.2 * gt:.3f}s")
     else:
-        target("ttft", None, "needs run_auto and genai fp32 results")
+        target("ttft", None, f"needs run_auto and genai {gp} results")
     hd = bh.get("decode_tok_s")
     if rd and hd:
         target("vs_by_hand", rd >= 20 * hd, f"run_auto decode {rd:.2f} tok/s = {rd / hd:.1f}x by-hand "
@@ -636,7 +648,8 @@ def measure(runner, ctx, log) -> dict:
     return r
 
 
-METHODS = ("run_auto", "in_memory", "by_hand", "genai_fp32", "genai_int4")
+METHODS = ("run_auto", "in_memory", "by_hand", "genai_fp32", "genai_fp16", "genai_int4")
+DEFAULT_METHODS = ("run_auto", "in_memory", "by_hand", "genai_fp32", "genai_int4")
 
 
 def parse_args(argv):
@@ -652,10 +665,13 @@ def parse_args(argv):
     p.add_argument("--kv_dtype", choices=["float16", "float32"], default="float16")
     p.add_argument("--blocks", type=int, default=0, help="decoder blocks (default: the converter's, 4)")
     p.add_argument("--hand_steps", type=int, default=4, help="decode steps timed by hand (default 4)")
-    p.add_argument("--methods", default=",".join(METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
     p.add_argument("--provider", choices=["cpu", "cuda"], default="cpu",
                    help="onnxruntime execution provider for every method (cuda: onnxruntime-gpu and, for genai, "
                         "onnxruntime-genai-cuda)")
+    p.add_argument("--warmup", action="store_true",
+                   help="in-memory and genai: one untimed short generation before the timed one (run_auto and "
+                        "by-hand are whole commands and always pay their first run)")
     p.add_argument("--threads", type=int, default=0, help="in-memory loop's intra-op threads (0: onnxruntime's)")
     p.add_argument("--timeout", type=float, default=1800, help="seconds any one child process may take")
     p.add_argument("--wait_idle", type=float, default=120,
@@ -750,7 +766,8 @@ def main(argv=None):
     ctx = {"args": a, "log": log, "model_path": model_path, "onnx_dir": onnx_dir, "sizes": sizes,
            "prompt": prompt, "prompt_ids": ids}
     runners = {"run_auto": bench_run_auto, "in_memory": bench_in_memory, "by_hand": bench_by_hand,
-               "genai_fp32": lambda c: bench_genai(c, "fp32"), "genai_int4": lambda c: bench_genai(c, "int4")}
+               "genai_fp32": lambda c: bench_genai(c, "fp32"), "genai_fp16": lambda c: bench_genai(c, "fp16"),
+               "genai_int4": lambda c: bench_genai(c, "int4")}
     genai_missing = _genai_missing()
     code = _code_state()
     results = {}
