@@ -35,16 +35,20 @@ CONVERT_PARAMS = [
     {"name": "layer_split", "long": "layer_split", "type": str, "default": "", "help": "layers per block: 7,7,7,7"},
     {"name": "max_input_len", "long": "max_input_len", "type": int, "default": 16, "help": "prefill tokens T"},
     {"name": "max_cache_len", "long": "max_cache_len", "type": int, "default": 1024, "help": "KV cache slots C"},
-    {"name": "precision", "long": "precision", "type": str, "default": "fp32", "help": "fp32 or fp16"},
-    {"name": "kv_dtype", "long": "kv_dtype", "type": str, "default": "float16", "help": "float16 or float32"},
+    {"name": "precision", "long": "precision", "type": str, "default": "fp32", "help": "fp32, fp16, int8 or int4"},
+    {"name": "kv_dtype", "long": "kv_dtype", "type": str, "default": "auto", "help": "auto, float16 or float32"},
+    {"name": "cache_windows", "long": "cache_windows", "type": str, "default": "auto",
+     "help": "attention windows with block graphs: auto, none or 128,256,512"},
 ]
 
 
 @task_params(CONVERT_PARAMS)
-def task_convert(model_path, onnx_dir, blocks, layer_split, max_input_len, max_cache_len, precision, kv_dtype):
+def task_convert(model_path, onnx_dir, blocks, layer_split, max_input_len, max_cache_len, precision, kv_dtype,
+                 cache_windows):
     """Convert a Qwen2/Qwen3 checkpoint to split static-shape ONNX graphs (python -m pipeline.convert)."""
     argv = ["--model_path", model_path, "--onnx_dir", onnx_dir, "--max_input_len", str(max_input_len),
-            "--max_cache_len", str(max_cache_len), "--precision", precision, "--kv_dtype", kv_dtype]
+            "--max_cache_len", str(max_cache_len), "--precision", precision, "--kv_dtype", kv_dtype,
+            "--cache_windows", cache_windows]
     argv += ["--blocks", str(blocks)] if blocks else []
     argv += ["--layer_split", layer_split] if layer_split else []
     return {"actions": [[sys.executable, "-m", "pipeline.convert", *argv]], "uptodate": [False], "verbosity": 2}

@@ -203,16 +203,21 @@ def _require_ok(child: Child, what: str):
 def onnx_dir_for(model_path: Path, a) -> Path:
     kv = {"float16": "kv16", "float32": "kv32"}[a.kv_dtype]
     blocks = f"-b{a.blocks}" if a.blocks else ""
+    windows = "" if a.cache_windows == "auto" else f"-w{a.cache_windows.replace(',', '_')}"
     name = model_path.name.removeprefix("bench-")
-    return Path("onnx") / f"bench-{name}-{a.precision}-{kv}-T{a.max_input_len}-C{a.max_cache_len}{blocks}"
+    return Path("onnx") / f"bench-{name}-{a.precision}-{kv}-T{a.max_input_len}-C{a.max_cache_len}{blocks}{windows}"
 
 
 def ensure_onnx(model_path: Path, onnx_dir: Path, a, log) -> dict:
+    from pipeline.convert import parse_cache_windows, check_cache_windows, default_cache_windows
     from pipeline.manifest_io import load_manifest
     from pipeline.model_source import staleness
 
+    windows = parse_cache_windows(a.cache_windows)
+    windows = check_cache_windows(default_cache_windows(a.max_input_len, a.max_cache_len) if windows is None
+                                  else windows, a.max_cache_len)
     wanted = {"max_input_len": a.max_input_len, "max_cache_len": a.max_cache_len, "precision": a.precision,
-              "kv_dtype": a.kv_dtype}
+              "kv_dtype": a.kv_dtype, "cache_windows": windows}
     reason = staleness(onnx_dir, model_path, wanted)
     if reason is None and a.blocks and len(load_manifest(onnx_dir).blocks) != a.blocks:
         reason = f"not {a.blocks} blocks"
@@ -224,7 +229,7 @@ def ensure_onnx(model_path: Path, onnx_dir: Path, a, log) -> dict:
     log(f"converting {model_path} -> {onnx_dir} ({reason}) ...")
     cmd = [sys.executable, "-m", "pipeline.convert", "--model_path", model_path, "--onnx_dir", onnx_dir,
            "--max_input_len", a.max_input_len, "--max_cache_len", a.max_cache_len, "--precision", a.precision,
-           "--kv_dtype", a.kv_dtype] + (["--blocks", a.blocks] if a.blocks else [])
+           "--kv_dtype", a.kv_dtype, "--cache_windows", a.cache_windows] + (["--blocks", a.blocks] if a.blocks else [])
     child = run_child(cmd, RUN_ROOT / "logs" / "convert.log", a.timeout)
     _require_ok(child, "pipeline.convert")
     log(f"  converted in {child.wall_s:.1f}s, peak RSS {child.peak_rss_mib:.0f} MiB")
@@ -662,7 +667,9 @@ def parse_args(argv):
     p.add_argument("--max_input_len", type=int, default=16)
     p.add_argument("--max_cache_len", type=int, default=1024)
     p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
-    p.add_argument("--kv_dtype", choices=["float16", "float32"], default="float16")
+    p.add_argument("--kv_dtype", choices=["auto", "float16", "float32"], default="auto",
+                   help="as pipeline.convert's (auto: float16 for fp16, else float32)")
+    p.add_argument("--cache_windows", default="auto", help="as pipeline.convert's: auto, none or 128,256,512")
     p.add_argument("--blocks", type=int, default=0, help="decoder blocks (default: the converter's, 4)")
     p.add_argument("--hand_steps", type=int, default=4, help="decode steps timed by hand (default 4)")
     p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
@@ -725,6 +732,10 @@ def _genai_missing() -> str | None:
 @cli_entry
 def main(argv=None):
     a = parse_args(argv)
+    if a.kv_dtype == "auto":
+        from pipeline.convert import default_kv_dtype
+
+        a.kv_dtype = default_kv_dtype(a.precision)
     if a.write_checkpoint:
         write_bench_checkpoint(a.write_checkpoint)
         return 0

@@ -1,4 +1,5 @@
-"""Backends map stage inputs to stage outputs. A step picks the prefill or decode graphs by its T.
+"""Backends map stage inputs to stage outputs. A step picks the prefill or decode graphs by its T, and a block's
+graphs by the attention window W its past_key/past_value views have (the cache slots [0, W) it attends to).
 
 To plug in another runtime (an NPU's), subclass Backend and implement the three methods; everything else
 (files, cache, sampling, run_auto) stays the same.
@@ -11,7 +12,7 @@ import numpy as np
 
 from pipeline.errors import StagepipeError
 from pipeline.manifest_io import load_manifest
-from pipeline.masks import hidden_dtype
+from pipeline.masks import graph_set, hidden_dtype
 from schemas.manifest import Manifest
 
 
@@ -26,7 +27,8 @@ class Backend:
         raise NotImplementedError
 
     def block(self, k: int, hidden, attention_mask, position_ids, past_key, past_value):
-        """-> (hidden_states_out, present_key, present_value)"""
+        """past_key/past_value: (Lk,1,KV,W,D) views of the cache, W one of manifest.windows() (see
+        block_graph_set). -> (hidden_states_out (1,T,H), present_key, present_value (Lk,1,KV,T,D))"""
         raise NotImplementedError
 
     def output(self, hidden: np.ndarray) -> np.ndarray:
@@ -39,6 +41,13 @@ class Backend:
         if T == 1:
             return "decode"
         raise StagepipeError(f"a step has T={T} tokens; the graphs take {m.max_input_len} (prefill) or 1 (decode)")
+
+    def block_graph_set(self, T: int, window: int) -> str:
+        m = self.manifest
+        if window not in m.windows():
+            raise StagepipeError(f"a block got a {window}-slot cache view; the graphs take "
+                                 f"{', '.join(map(str, m.windows()))} slots")
+        return graph_set(m, self.mode_for(T), window)
 
 
 class OnnxBackend(Backend):
@@ -94,9 +103,11 @@ class OnnxBackend(Backend):
         return self._run("embed", input_ids.shape[1], {"input_ids": input_ids})[0]
 
     def block(self, k, hidden, attention_mask, position_ids, past_key, past_value):
+        # a window's view of the cache file is strided; onnxruntime wants it contiguous (a copy of W slots only)
         feeds = {"hidden_states": hidden, "attention_mask": attention_mask, "position_ids": position_ids,
-                 "past_key": past_key, "past_value": past_value}
-        return tuple(self._run(f"block{k}", hidden.shape[1], feeds))
+                 "past_key": np.ascontiguousarray(past_key), "past_value": np.ascontiguousarray(past_value)}
+        graphs = self.block_graph_set(hidden.shape[1], past_key.shape[3])
+        return tuple(self.session(graphs, f"block{k}").run(None, feeds))
 
     def output(self, hidden):
         return self._run("output", hidden.shape[1], {"hidden_states": hidden})[0]
@@ -123,7 +134,7 @@ class ReferenceBackend(Backend):
         return self.model.embed(input_ids).astype(self.compute_dtype)
 
     def block(self, k, hidden, attention_mask, position_ids, past_key, past_value):
-        self.mode_for(hidden.shape[1])
+        self.block_graph_set(hidden.shape[1], past_key.shape[3])
         b = self.manifest.blocks[k]
         return self.model.block(range(b.layer_start, b.layer_end), hidden, attention_mask, position_ids,
                                 past_key, past_value)

@@ -1,9 +1,11 @@
 """Convert a Qwen2/Qwen3 HuggingFace checkpoint into split static-shape ONNX graphs, without torch.
 
     python -m pipeline.convert --model_path CKPT --onnx_dir OUT [--blocks 4 | --layer_split 7,7,7,7]
-        [--max_input_len 16] [--max_cache_len 1024] [--precision fp32|fp16] [--kv_dtype float16|float32]
+        [--max_input_len 16] [--max_cache_len 1024] [--cache_windows auto|none|128,256,512]
+        [--precision fp32|fp16|int8|int4] [--kv_dtype auto|float16|float32]
 
-Writes OUT/manifest.json, the checkpoint's config and tokenizer files, and prefill/ + decode/ graphs.
+Writes OUT/manifest.json, the checkpoint's config and tokenizer files, and prefill/ + decode/ graphs: every
+stage at the full cache (C slots), plus block graphs for smaller attention windows (block0_c128.onnx, ...).
 The whole folder is built beside OUT and renamed into place at the end, so OUT is never half-written.
 """
 from __future__ import annotations
@@ -164,17 +166,43 @@ def _share_weights(src: Path, dst: Path, copy: bool):
     shutil.copyfile(src, dst)
 
 
+def default_kv_dtype(precision: str) -> str:
+    """The KV cache keeps what the attention computes in: float16 for fp16 graphs, else float32 (so fp32
+    graphs cast nothing and match the reference exactly)."""
+    return "float16" if precision == "fp16" else "float32"
+
+
+def default_cache_windows(max_input_len: int, max_cache_len: int) -> list[int]:
+    """C/8, C/4, C/2 (those that hold a prompt chunk) and C: a decode step attends over at most twice the
+    slots it needs once past C/8, and the early steps of a long cache do not pay for all of it."""
+    smaller = {max_cache_len >> s for s in (3, 2, 1)}
+    return sorted(w for w in smaller if max_input_len <= w < max_cache_len) + [max_cache_len]
+
+
+def check_cache_windows(windows: list[int], max_cache_len: int) -> list[int]:
+    bad = [w for w in windows if not 1 <= w <= max_cache_len]
+    if bad:
+        raise StagepipeError(f"--cache_windows {bad[0]}: each window must be 1..max_cache_len ({max_cache_len})")
+    return sorted(set(windows) | {max_cache_len})
+
+
 def convert(model_path, onnx_dir, blocks: int | None = None, layer_split: list[int] | None = None,
             max_input_len: int = 16, max_cache_len: int = 1024, precision: str = "fp32",
-            kv_dtype: str = "float16", copy_weights: bool = False, log=print) -> Manifest:
+            kv_dtype: str = "auto", copy_weights: bool = False, log=print,
+            cache_windows: list[int] | None = None) -> Manifest:
+    """cache_windows: attention windows with their own block graphs (None: default_cache_windows; [] : none)."""
     model_path, onnx_dir = Path(model_path), Path(onnx_dir)
     if max_input_len < 1 or max_cache_len < max_input_len:
         raise StagepipeError(f"--max_input_len {max_input_len} and --max_cache_len {max_cache_len}: need "
                              "1 <= max_input_len <= max_cache_len")
     if precision not in PRECISIONS:
         raise StagepipeError(f"--precision {precision}: choose one of {', '.join(PRECISIONS)}")
+    if kv_dtype == "auto":
+        kv_dtype = default_kv_dtype(precision)
     if kv_dtype not in ("float16", "float32"):
-        raise StagepipeError(f"--kv_dtype {kv_dtype}: choose float16 or float32")
+        raise StagepipeError(f"--kv_dtype {kv_dtype}: choose auto, float16 or float32")
+    windows = check_cache_windows(default_cache_windows(max_input_len, max_cache_len) if cache_windows is None
+                                  else cache_windows, max_cache_len)
     config = load_model_config(model_path)
     ranges = split_layers(config.num_layers, blocks, layer_split)
     weights = CheckpointWeights(model_path)
@@ -189,7 +217,7 @@ def convert(model_path, onnx_dir, blocks: int | None = None, layer_split: list[i
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         manifest = _write_onnx_dir(config, ranges, weights, model_path, tmp, max_input_len, max_cache_len,
-                                   precision, kv_dtype, copy_weights, log)
+                                   precision, kv_dtype, copy_weights, log, windows)
         _replace_dir(tmp, onnx_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -198,13 +226,23 @@ def convert(model_path, onnx_dir, blocks: int | None = None, layer_split: list[i
     return manifest
 
 
+def _graph_sets(max_input_len: int, max_cache_len: int, windows: list[int]):
+    """-> [(graph set, mode, shape, block graphs only)]: the full-cache sets first, then one per smaller window."""
+    sets = []
+    for w in sorted(windows, reverse=True):
+        for mode, T in (("prefill", max_input_len), ("decode", 1)):
+            full = w == max_cache_len
+            sets.append((mode if full else f"{mode}_c{w}", mode, GraphShape(T=T, C=w), not full))
+    return sets
+
+
 def _write_onnx_dir(config, ranges, weights, model_path, out, max_input_len, max_cache_len, precision, kv_dtype,
-                    copy_weights, log) -> Manifest:
+                    copy_weights, log, windows) -> Manifest:
     for mode in ("prefill", "decode"):
         (out / mode).mkdir(parents=True)
     prec = Precision(compute=np.dtype(np.float16 if precision == "fp16" else np.float32), kv=np.dtype(kv_dtype),
                      weight_bits=PRECISIONS[precision])
-    shapes = {"prefill": GraphShape(T=max_input_len, C=max_cache_len), "decode": GraphShape(T=1, C=max_cache_len)}
+    graph_sets = _graph_sets(max_input_len, max_cache_len, windows)
     store = WeightStore(out / "prefill")
     lookup = WeightSource(weights, store)
     builders = {"embed": lambda shape: build_embed(config, prec, shape, lookup)}
@@ -212,24 +250,26 @@ def _write_onnx_dir(config, ranges, weights, model_path, out, max_input_len, max
         builders[f"block{b}"] = lambda shape, r=range(start, end): build_block(config, prec, shape, r, lookup)
     builders["output"] = lambda shape: build_output(config, prec, shape, lookup)
 
-    graphs: dict[str, dict[str, GraphSpec]] = {"prefill": {}, "decode": {}}
+    graphs: dict[str, dict[str, GraphSpec]] = {name: {} for name, *_ in graph_sets}
     graph_hash = hashlib.sha256()
     nonstandard: set[str] = set()
-    total = 2 * len(builders)
+    jobs = [(stage, name, mode, shape) for stage in builders for name, mode, shape, blocks_only in graph_sets
+            if stage.startswith("block") or not blocks_only]
     done = 0
     for stage, build in builders.items():
         store.open(f"{stage}.data")
-        for mode in ("prefill", "decode"):
+        for _, name, mode, shape in (j for j in jobs if j[0] == stage):
             t0 = time.perf_counter()
-            model = build(shapes[mode])
-            rel = f"{mode}/{stage}.onnx"
+            model = build(shape)
+            # a window's graphs sit beside the full-cache ones and read the same <stage>.data
+            rel = f"{mode}/{stage}.onnx" if name == mode else f"{mode}/{stage}_c{shape.C}.onnx"
             data = model.SerializeToString()
             (out / rel).write_bytes(data)
             graph_hash.update(data)
-            graphs[mode][stage] = _graph_spec(model, rel)
+            graphs[name][stage] = _graph_spec(model, rel)
             nonstandard |= {f"{n.domain}:{n.op_type}" for n in model.graph.node if n.domain not in ("", "ai.onnx")}
             done += 1
-            log(f"[{done}/{total}] {rel} ({time.perf_counter() - t0:.1f}s)")
+            log(f"[{done}/{len(jobs)}] {rel} ({time.perf_counter() - t0:.1f}s)")
         store.close()
         _share_weights(out / "prefill" / f"{stage}.data", out / "decode" / f"{stage}.data", copy_weights)
     graph_hash.update(store.hasher.digest())
@@ -242,7 +282,8 @@ def _write_onnx_dir(config, ranges, weights, model_path, out, max_input_len, max
     files = source_files(model_path, weights)
     manifest = Manifest(
         stagepipe_version=__version__, model=config, precision=precision, kv_dtype=kv_dtype,
-        max_input_len=max_input_len, max_cache_len=max_cache_len, mask_value=MASK_VALUE, opset=OPSET,
+        max_input_len=max_input_len, max_cache_len=max_cache_len, cache_windows=windows, mask_value=MASK_VALUE,
+        opset=OPSET,
         blocks=[BlockSpec(index=i, layer_start=s, layer_end=e) for i, (s, e) in enumerate(ranges)],
         graphs=graphs, source_path=str(model_path.resolve()), source_files=source_stat(files),
         source_fingerprint=source_fingerprint(files), graphs_fingerprint=graph_hash.hexdigest(),
@@ -269,6 +310,12 @@ def _int_list(text: str) -> list[int]:
         raise argparse.ArgumentTypeError(f"expected comma-separated integers like 7,7,7,7, got {text!r}") from None
 
 
+def parse_cache_windows(text: str) -> list[int] | None:
+    if text.strip() in ("auto", ""):
+        return None
+    return [] if text.strip() == "none" else _int_list(text)
+
+
 def add_convert_args(p: argparse.ArgumentParser):
     p.add_argument("--model_path", required=True, help="HuggingFace checkpoint folder (config.json, *.safetensors)")
     p.add_argument("--onnx_dir", required=True, help="output folder for manifest.json and the graphs")
@@ -279,7 +326,11 @@ def add_convert_args(p: argparse.ArgumentParser):
     p.add_argument("--max_cache_len", type=int, default=1024, help="KV cache slots (C)")
     p.add_argument("--precision", choices=list(PRECISIONS), default="fp32",
                    help="fp32/fp16: standard ops; int8/int4: weight-only MatMulNBits (com.microsoft), CPU")
-    p.add_argument("--kv_dtype", choices=["float16", "float32"], default="float16", help="KV cache dtype")
+    p.add_argument("--cache_windows", type=parse_cache_windows, default=None,
+                   help="attention windows below C with their own block graphs: auto (C/8, C/4, C/2), none, or "
+                        "a list like 128,256,512 (a step uses the smallest that holds past_len + its tokens)")
+    p.add_argument("--kv_dtype", choices=["auto", "float16", "float32"], default="auto",
+                   help="KV cache dtype (auto: float16 for fp16 graphs, else float32)")
     p.add_argument("--copy_weights", action="store_true",
                    help="decode/*.data as copies instead of hard links to prefill's (onnx >= 1.21 refuses to load "
                         "weights from hard-linked files; onnxruntime is fine with them)")
@@ -291,7 +342,7 @@ def main(argv=None):
     add_convert_args(p)
     a = p.parse_args(argv)
     convert(a.model_path, a.onnx_dir, a.blocks, a.layer_split, a.max_input_len, a.max_cache_len, a.precision,
-            a.kv_dtype, a.copy_weights)
+            a.kv_dtype, a.copy_weights, cache_windows=a.cache_windows)
 
 
 if __name__ == "__main__":

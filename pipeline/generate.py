@@ -8,7 +8,7 @@ import numpy as np
 
 from pipeline.backends import Backend
 from pipeline.kv_cache import block_shape, store_slots
-from pipeline.masks import graph_T, step_inputs, step_mode
+from pipeline.masks import attention_window, graph_T, step_inputs, step_mode
 from pipeline.sampling import SamplingSettings, sample
 
 
@@ -25,8 +25,8 @@ class MemoryKVCache:
         self.keys = [np.zeros(block_shape(manifest, k), dtype) for k in blocks]
         self.values = [np.zeros(block_shape(manifest, k), dtype) for k in blocks]
 
-    def past(self, k: int):
-        return self.keys[k], self.values[k]
+    def past(self, k: int, window: int):
+        return self.keys[k][:, :, :, :window], self.values[k][:, :, :, :window]
 
     def store(self, k: int, past_len: int, q_len: int, present_key, present_value):
         store_slots(self.keys[k], past_len, q_len, present_key)
@@ -37,10 +37,11 @@ def forward_step(backend: Backend, cache, token_ids: list[int], past_len: int) -
     """Run embed -> blocks -> output for one step; returns the logits row of the last real token."""
     m = backend.manifest
     T = graph_T(m, step_mode(past_len, len(token_ids)))
-    input_ids, mask, positions = step_inputs(token_ids, past_len, T, m.max_cache_len, m.mask_value)
+    window = attention_window(m, past_len, len(token_ids))
+    input_ids, mask, positions = step_inputs(token_ids, past_len, T, window, m.mask_value)
     hidden = backend.embed(input_ids)
     for k in range(len(m.blocks)):
-        hidden, present_key, present_value = backend.block(k, hidden, mask, positions, *cache.past(k))
+        hidden, present_key, present_value = backend.block(k, hidden, mask, positions, *cache.past(k, window))
         cache.store(k, past_len, len(token_ids), present_key, present_value)
     return backend.output(hidden)[0, len(token_ids) - 1]
 

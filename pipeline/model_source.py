@@ -20,6 +20,8 @@ def staleness(onnx_dir: Path, model_path: Path, wanted: dict) -> str | None:
     for key, value in wanted.items():
         if value is not None and getattr(manifest, key) != value:
             return f"{key} is {getattr(manifest, key)}, {value} requested"
+    if not manifest.cache_windows:
+        return "converted before cache windows (faster decode) existed"
     if Path(manifest.source_path) != model_path.resolve():
         return f"converted from {manifest.source_path}"
     files = [model_path / name for name in manifest.source_files]

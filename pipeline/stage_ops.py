@@ -16,7 +16,7 @@ from pipeline.atomic import write_npy, write_text
 from pipeline.backends import Backend
 from pipeline.errors import StagepipeError
 from pipeline.kv_cache import store_slots
-from pipeline.masks import graph_T, hidden_dtype, step_inputs, step_mode
+from pipeline.masks import attention_window, graph_T, hidden_dtype, step_inputs, step_mode
 from pipeline.sampling import check_sampling, sample
 from pipeline.tensors import digest, load_tensor
 from pipeline.validation import load_model_file
@@ -90,14 +90,15 @@ def token_embed(backend: Backend, paths: StepPaths, step: int, past_len: int, to
         if rec and rec.inputs_digest == inputs_digest:  # sampling is the output stage's business
             return old
     started = time.perf_counter()
-    input_ids, mask, positions = step_inputs(token_ids, past_len, T, m.max_cache_len, m.mask_value)
+    window = attention_window(m, past_len, len(token_ids))
+    input_ids, mask, positions = step_inputs(token_ids, past_len, T, window, m.mask_value)
     hidden = backend.embed(input_ids)
     for path, arr in ((paths.input_ids, input_ids), (paths.attention_mask, mask), (paths.position_ids, positions),
                       (hidden_out, hidden)):
         write_npy(path, arr)
     meta = StepMeta(step=step, mode=mode, past_len=past_len, q_len=len(token_ids),
                     next_past_len=past_len + len(token_ids), max_input_len=m.max_input_len,
-                    max_cache_len=m.max_cache_len, input_token_ids=list(token_ids),
+                    max_cache_len=m.max_cache_len, attention_window=window, input_token_ids=list(token_ids),
                     onnx_fingerprint=m.graphs_fingerprint, backend=backend.name, sampling=check_sampling(sampling),
                     sample_next=sample_next, history=history)
     meta.stages["embed"] = StageRecord(seconds=time.perf_counter() - started, inputs_digest=inputs_digest)
@@ -120,13 +121,17 @@ def block(backend: Backend, paths: StepPaths, k: int, past_key: np.ndarray, past
     if rec and rec.inputs_digest == inputs_digest and hidden_out.exists():
         return meta
     started = time.perf_counter()
-    T, H, C = graph_T(m, meta.mode), m.model.hidden_size, m.max_cache_len
+    T, H = graph_T(m, meta.mode), m.model.hidden_size
+    W = meta.attention_window or m.max_cache_len
+    if meta.past_len + meta.q_len > W or W not in m.windows():
+        raise StagepipeError(f"{paths.meta}: past_len {meta.past_len} + q_len {meta.q_len} in a {W}-slot attention "
+                             f"window, the graphs have windows {m.windows()}; rerun token_embed for this step")
     hidden = load_tensor(hidden_in, (1, T, H), hidden_dtype(m), "hidden states")
-    mask = load_tensor(paths.attention_mask, (1, 1, T, C + T), np.float32, "attention mask")
+    mask = load_tensor(paths.attention_mask, (1, 1, T, W + T), np.float32, "attention mask")
     positions = load_tensor(paths.position_ids, (1, T), np.int64, "position ids")
-    if meta.past_len + meta.q_len > C:
-        raise StagepipeError(f"{paths.meta}: past_len {meta.past_len} + q_len {meta.q_len} passes the {C}-slot cache")
-    out, present_key, present_value = backend.block(k, hidden, mask, positions, past_key, past_value)
+    window = (slice(None),) * 3 + (slice(0, W),)  # the cache slots this step attends to
+    out, present_key, present_value = backend.block(k, hidden, mask, positions, past_key[window],
+                                                    past_value[window])
     store_slots(past_key, meta.past_len, meta.q_len, present_key)
     store_slots(past_value, meta.past_len, meta.q_len, present_value)
     write_npy(hidden_out, out)

@@ -72,16 +72,23 @@ class Manifest(BaseModel):
     kv_dtype: Literal["float16", "float32"]
     max_input_len: int  # T of the prefill graphs
     max_cache_len: int  # C: KV cache slots
+    # Attention windows the block graphs exist for, ascending, the last = max_cache_len. A step runs the block
+    # graphs of the smallest window that holds past_len + q_len slots, so early tokens do not pay for all C slots.
+    # Graph sets: "prefill"/"decode" (every stage, window C) and "prefill_c<W>"/"decode_c<W>" (blocks, window W).
+    cache_windows: list[int] = []  # [] (older manifests): [max_cache_len]
     mask_value: float  # what attention_mask holds where a position is masked
     opset: int
     blocks: list[BlockSpec]
-    graphs: dict[Literal["prefill", "decode"], dict[str, GraphSpec]]  # mode -> stage ("embed", "block0", "output")
+    graphs: dict[str, dict[str, GraphSpec]]  # graph set -> stage ("embed", "block0", "output") -> graph
     source_path: str  # where the checkpoint was read from (informational)
     source_files: dict[str, SourceFile]  # size/mtime of each source file: a cheap staleness check
     source_fingerprint: str  # sha256 over config.json and the weight files' content
     graphs_fingerprint: str  # sha256 over every graph and weight byte written
     tokenizer_files: list[str]
     nonstandard_ops: list[str] = []  # "domain:Op" outside the default ONNX domain (int8/int4: MatMulNBits)
+
+    def windows(self) -> list[int]:
+        return self.cache_windows or [self.max_cache_len]
 
     def stage_names(self) -> list[str]:
         return ["embed"] + [f"block{b.index}" for b in self.blocks] + ["output"]

@@ -53,6 +53,9 @@ class StepMeta(Strict):
     next_past_len: int  # past_len + q_len
     max_input_len: int
     max_cache_len: int
+    # cache slots [0, attention_window) the block graphs see (attention_mask is (1,1,T,window+T));
+    # None in steps written before cache windows existed: max_cache_len
+    attention_window: int | None = None
     input_token_ids: list[int]
     onnx_fingerprint: str
     backend: str = "onnx"

@@ -19,7 +19,7 @@ import onnx
 import pytest
 import torch
 
-from pipeline.backends import ReferenceBackend
+from pipeline.backends import OnnxBackend, ReferenceBackend
 from pipeline.convert import convert
 from pipeline.errors import StagepipeError
 from pipeline.generate import generate, prompt_chunks
@@ -66,7 +66,7 @@ def converted(tmp_path_factory, checkpoint_path):
         if (name, precision) not in done:
             onnx_dir = root / f"{name}-{precision}"
             convert(checkpoint_path(name), onnx_dir, max_input_len=T, max_cache_len=C, precision=precision,
-                    kv_dtype="float32" if precision == "fp32" else "float16", log=lambda *a: None, **SPLITS[name])
+                    log=lambda *a: None, **SPLITS[name])  # default KV dtype: float32, or float16 for fp16
             done[name, precision] = onnx_dir
         return done[name, precision]
 
@@ -144,8 +144,11 @@ class OnnxStages:
         return self._sessions[mode, stage].run(None, feeds)
 
 
-def onnx_generate(onnx_dir: Path, prompt: list[int], new_tokens: int) -> tuple[list[int], np.ndarray]:
+def onnx_generate(onnx_dir: Path, prompt: list[int], new_tokens: int, windows: bool = False,
+                  used: set | None = None) -> tuple[list[int], np.ndarray]:
     """Greedy generation with the test's own KV cache: prefill graphs over T-token chunks, then decode graphs.
+    windows=True: each step's blocks run the graphs of the smallest attention window W >= past_len + q_len
+    (graph set "<mode>_c<W>", or "<mode>" when W = C) on cache slots [0, W) only; `used` collects the sets.
 
     Per block the cache is a (Lk,1,KV,C,D) array; a step writes only slots [past_len, past_len + q_len) from
     the first q_len rows of present_key/value (padding rows are never stored). Slots not written yet hold
@@ -162,11 +165,16 @@ def onnx_generate(onnx_dir: Path, prompt: list[int], new_tokens: int) -> tuple[l
 
     def step(mode: str, tokens: list[int], past_len: int) -> np.ndarray:
         steps_T = m.max_input_len if mode == "prefill" else 1
-        ids, mask, positions = step_inputs(tokens, past_len, steps_T, m.max_cache_len, m.mask_value)
+        W = min(w for w in m.cache_windows if w >= past_len + len(tokens)) if windows else m.max_cache_len
+        blocks = mode if W == m.max_cache_len else f"{mode}_c{W}"
+        if used is not None:
+            used.add(blocks)
+        ids, mask, positions = step_inputs(tokens, past_len, steps_T, W, m.mask_value)
         (hidden,) = st.run(mode, "embed", input_ids=ids)
         for k, (keys, values) in enumerate(cache):
-            hidden, present_k, present_v = st.run(mode, f"block{k}", hidden_states=hidden, attention_mask=mask,
-                                                  position_ids=positions, past_key=keys, past_value=values)
+            hidden, present_k, present_v = st.run(
+                blocks, f"block{k}", hidden_states=hidden, attention_mask=mask, position_ids=positions,
+                past_key=np.ascontiguousarray(keys[:, :, :, :W]), past_value=np.ascontiguousarray(values[:, :, :, :W]))
             assert present_k.shape[3] == steps_T and present_k.dtype == kv_dtype
             q = len(tokens)
             keys[:, :, :, past_len:past_len + q] = present_k[:, :, :, :q]
@@ -236,9 +244,32 @@ def test_onnx_greedy_with_own_kv_cache_matches_transformers(name, converted, hf_
 
 
 @pytest.mark.parametrize("name", SPEC_NAMES)
+def test_attention_window_graphs_match_transformers(name, converted, hf_greedy):
+    """The same generation through the smaller attention windows' block graphs: chunks of 8, 2x8 and 3x8 prompt
+    tokens use the 8-, 16- and 32-slot windows, decode steps the 32- and 64-slot ones."""
+    prompt, used = prompt_ids(CHECKPOINT_SPECS[name]), set()
+    new, logits = onnx_generate(converted(name), prompt, GREEDY_NEW_TOKENS, windows=True, used=used)
+    assert used == {"prefill_c8", "prefill_c16", "prefill_c32", "decode_c32", "decode"}
+    assert new == hf_greedy(name)
+    _, full = onnx_generate(converted(name), prompt, 1)
+    assert_close(logits, full, f"{name}: prompt logits through windows vs the full cache")
+
+
+@pytest.mark.parametrize("name", SPEC_NAMES)
 def test_reference_generate_matches_transformers(name, converted, hf_greedy):
     prompt = prompt_ids(CHECKPOINT_SPECS[name])
     assert generate(ReferenceBackend(converted(name)), prompt, GREEDY_NEW_TOKENS) == hf_greedy(name)
+
+
+@pytest.mark.parametrize("backend_class", [ReferenceBackend, OnnxBackend])
+def test_backend_refuses_a_cache_view_without_graphs(backend_class, converted):
+    backend = backend_class(converted("qwen3_tied"))
+    m = backend.manifest
+    b, mc = m.blocks[0], m.model
+    past = np.zeros((b.num_layers, 1, mc.num_key_value_heads, 20, mc.head_dim), np.float32)
+    ids, mask, positions = step_inputs([1], 10, 1, 20, m.mask_value)
+    with pytest.raises(StagepipeError, match="a block got a 20-slot cache view; the graphs take 8, 16, 32, 64 slots"):
+        backend.block(0, np.zeros((1, 1, mc.hidden_size), np.float32), mask, positions, past, past)
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -285,9 +316,10 @@ def test_fp16_block_fully_masked_rows_stay_finite(name, mode, converted):
 # What lands on disk
 # ---------------------------------------------------------------------------------------------------------------
 
-def expected_io(spec, precision: str, mode: str, block_layers: list[int]) -> dict[str, tuple[list, list]]:
-    """stage -> ([(name, shape, dtype) inputs], [... outputs]), written down from the spec, not from the code."""
-    steps_T = T if mode == "prefill" else 1
+def expected_io(spec, precision: str, mode: str, block_layers: list[int], window: int = C) -> dict[str, tuple[list, list]]:
+    """stage -> ([(name, shape, dtype) inputs], [... outputs]), written down from the spec, not from the code.
+    window: the cache slots a block graph attends over (C, or a smaller attention window)."""
+    steps_T, W = (T if mode == "prefill" else 1), window
     H, V, KV, D = spec.hidden, spec.vocab, spec.kv_heads, spec.resolved_head_dim
     act = "float16" if precision == "fp16" else "float32"
     kv = "float16" if precision == "fp16" else "float32"
@@ -295,9 +327,9 @@ def expected_io(spec, precision: str, mode: str, block_layers: list[int]) -> dic
           "output": ([("hidden_states", [1, steps_T, H], act)], [("logits", [1, steps_T, V], "float32")])}
     for k, Lk in enumerate(block_layers):
         io[f"block{k}"] = (
-            [("hidden_states", [1, steps_T, H], act), ("attention_mask", [1, 1, steps_T, C + steps_T], "float32"),
-             ("position_ids", [1, steps_T], "int64"), ("past_key", [Lk, 1, KV, C, D], kv),
-             ("past_value", [Lk, 1, KV, C, D], kv)],
+            [("hidden_states", [1, steps_T, H], act), ("attention_mask", [1, 1, steps_T, W + steps_T], "float32"),
+             ("position_ids", [1, steps_T], "int64"), ("past_key", [Lk, 1, KV, W, D], kv),
+             ("past_value", [Lk, 1, KV, W, D], kv)],
             [("hidden_states_out", [1, steps_T, H], act), ("present_key", [Lk, 1, KV, steps_T, D], kv),
              ("present_value", [Lk, 1, KV, steps_T, D], kv)])
     return io
@@ -335,15 +367,20 @@ def test_manifest_and_files(name, precision, converted, checkpoint_path):
         assert (onnx_dir / fname).read_bytes() == (checkpoint_path(name) / fname).read_bytes()
 
     stages = m.stage_names()
-    assert set(m.graphs) == {"prefill", "decode"}
-    for mode in ("prefill", "decode"):
-        assert list(m.graphs[mode]) == stages
-        want = expected_io(spec, precision, mode, [b.num_layers for b in m.blocks])
-        for stage in stages:
-            g = m.graphs[mode][stage]
-            assert g.file == f"{mode}/{stage}.onnx"
+    # default attention windows C/8, C/4, C/2 (each >= T) besides C itself: block graphs only
+    assert m.cache_windows == m.windows() == [C // 8, C // 4, C // 2, C] and C // 8 >= T
+    sets = {(mode, C): (mode, stages) for mode in ("prefill", "decode")}
+    sets |= {(mode, w): (f"{mode}_c{w}", [s for s in stages if s.startswith("block")])
+             for mode in ("prefill", "decode") for w in (C // 8, C // 4, C // 2)}
+    assert set(m.graphs) == {set_name for set_name, _ in sets.values()}
+    for (mode, window), (set_name, set_stages) in sets.items():
+        assert list(m.graphs[set_name]) == set_stages
+        want = expected_io(spec, precision, mode, [b.num_layers for b in m.blocks], window)
+        for stage in set_stages:
+            g = m.graphs[set_name][stage]
+            assert g.file == (f"{mode}/{stage}.onnx" if window == C else f"{mode}/{stage}_c{window}.onnx")
             listed = ([(t.name, t.shape, t.dtype) for t in g.inputs], [(t.name, t.shape, t.dtype) for t in g.outputs])
-            assert listed == want[stage], f"manifest {mode}/{stage}"
+            assert listed == want[stage], f"manifest {set_name}/{stage}"
             proto = onnx.load(str(onnx_dir / g.file), load_external_data=False)
             assert (_proto_io(proto.graph.input), _proto_io(proto.graph.output)) == want[stage], f"{g.file}"
             for wf in g.weights_files:
@@ -370,8 +407,9 @@ def test_graphs_are_static_standard_onnx(name, precision, converted, monkeypatch
     onnx_dir = converted(name, precision)
     m = load_manifest(onnx_dir)
     plain_copy = {mode: shutil.copytree(onnx_dir / mode, tmp_path / mode) for mode in ("prefill", "decode")}
-    for mode in ("prefill", "decode"):
-        for stage, g in m.graphs[mode].items():
+    for graph_set in m.graphs.values():  # the full-cache graphs and every attention window's
+        for stage, g in graph_set.items():
+            mode = g.file.split("/")[0]
             proto = onnx.load(str(onnx_dir / g.file), load_external_data=False)
             assert [(o.domain, o.version) for o in proto.opset_import] == [("", m.opset)] and m.opset <= 18
             assert {n.domain for n in proto.graph.node} <= {"", "ai.onnx"}, f"{g.file}: custom-domain ops"

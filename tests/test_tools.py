@@ -387,7 +387,9 @@ def test_inspect_step_and_kv_cache(small, capsys):
                      "hidden_block1.npy", "hidden_block2.npy", "logits.npy"]
     shapes = {t["file"]: (t["shape"], t["dtype"]) for t in r["tensors"]}
     assert shapes["input_ids.npy"] == ([1, 8], "int64")
-    assert shapes["attention_mask.npy"] == ([1, 1, 8, 72], "float32")
+    # step 1 is the second prompt chunk (past_len 8 + 2 tokens): the 16-slot window of the 64-slot cache
+    assert (meta["past_len"], meta["q_len"], meta["attention_window"]) == (8, 2, 16)
+    assert shapes["attention_mask.npy"] == ([1, 1, 8, 16 + 8], "float32")
     assert shapes["hidden_block2.npy"] == ([1, 8, 128], "float32")
     settings = json.loads((run / "run.json").read_text())
     logit_rows = 8 if settings.get("full_logits") else 1  # prefill logits: all T rows, or the last real row
