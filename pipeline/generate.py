@@ -43,7 +43,8 @@ def forward_step(backend: Backend, cache, token_ids: list[int], past_len: int) -
     for k in range(len(m.blocks)):
         hidden, present_key, present_value = backend.block(k, hidden, mask, positions, *cache.past(k, window))
         cache.store(k, past_len, len(token_ids), present_key, present_value)
-    return backend.output(hidden)[0, len(token_ids) - 1]
+    last = hidden[:, len(token_ids) - 1:len(token_ids)]  # the head runs on the last real row only (T=1 graph)
+    return backend.output(last)[0, 0]
 
 
 def generate(backend: Backend, prompt_ids: list[int], max_new_tokens: int,
