@@ -6,6 +6,7 @@ To plug in another runtime (an NPU's), subclass Backend and implement the three 
 """
 from __future__ import annotations
 
+import mmap
 from pathlib import Path
 
 import numpy as np
@@ -71,6 +72,7 @@ class OnnxBackend(Backend):
         for mode, stages in self.manifest.graphs.items():
             for stage in stages:
                 self.session(mode, stage)
+        self._weights.prefault()
 
     def session(self, mode: str, stage: str):
         key = (mode, stage)
@@ -150,6 +152,14 @@ class SharedWeights:
     def __init__(self):
         self._arrays: dict[tuple, np.ndarray] = {}
         self._values = []  # OrtValues must outlive the sessions that use them
+
+    def prefault(self):
+        """Map every weight page into this process now. Touching one byte per page takes ~0.15 s for 2.3 GB;
+        left to the first step, the same page faults (taken by onnxruntime's threads) cost it ~0.5 s."""
+        page = mmap.PAGESIZE
+        for arr in self._arrays.values():
+            flat = arr.reshape(-1).view(np.uint8)
+            int(flat[::page].sum())
 
     def initializers(self, graph_path: Path):
         import onnx
