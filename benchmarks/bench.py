@@ -458,9 +458,7 @@ def worker_in_memory(spec: dict) -> dict:
     t = time.perf_counter()
     backend = OnnxBackend(Path(spec["onnx_dir"]), provider=spec.get("provider", "cpu"), threads=spec.get("threads", 0))
     m = backend.manifest
-    for mode in ("prefill", "decode"):
-        for stage in m.stage_names():
-            backend.session(mode, stage)
+    backend.open_all()  # as run_auto does: every graph set's sessions, weight pages mapped
     session_s = time.perf_counter() - t
     stamps = []
     timed_output = backend.output
@@ -666,7 +664,9 @@ def parse_args(argv):
     p.add_argument("--new_tokens", type=int, default=32, help="greedy new tokens (default 32)")
     p.add_argument("--max_input_len", type=int, default=16)
     p.add_argument("--max_cache_len", type=int, default=1024)
-    p.add_argument("--precision", choices=["fp32", "fp16"], default="fp32")
+    p.add_argument("--precision", choices=["fp32", "fp16", "int8", "int4"], default="fp32",
+                   help="the converted graphs' precision; the 'vs genai' ratios and targets use genai at the same "
+                        "precision (genai_fp32, genai_fp16 or genai_int4)")
     p.add_argument("--kv_dtype", choices=["auto", "float16", "float32"], default="auto",
                    help="as pipeline.convert's (auto: float16 for fp16, else float32)")
     p.add_argument("--cache_windows", default="auto", help="as pipeline.convert's: auto, none or 128,256,512")
