@@ -1,0 +1,98 @@
+"""How close int8/int4 graphs come to fp32 ones: logits cosine per position over one teacher-forced sequence.
+
+    python -m benchmarks.quant_quality [--model_path CKPT] [--precision int4] [--tokens 64]
+
+Default checkpoint: the benchmark's random Qwen3-0.6B-shaped one (models/bench-qwen3-0.6b, written if missing).
+Both onnx_dirs are converted if missing or stale (onnx/quality-<model>-<precision>). The same --tokens token ids
+(a fixed pseudo-random draw) go through both graph sets in prefill chunks, and the logits of every position
+are compared: cosine similarity (mean, min) and how often the top-1 token agrees. Writes runs/bench/quality.json.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:
+    sys.path.insert(0, str(REPO))
+
+from pipeline.atomic import write_json  # noqa: E402
+from pipeline.errors import cli_entry  # noqa: E402
+
+
+def ensure_onnx(model_path: Path, precision: str, max_cache_len: int) -> Path:
+    from pipeline.convert import convert
+    from pipeline.model_source import staleness
+
+    onnx_dir = REPO / "onnx" / f"quality-{model_path.name}-{precision}-C{max_cache_len}"
+    wanted = {"precision": precision, "max_input_len": 16, "max_cache_len": max_cache_len}
+    reason = staleness(onnx_dir, model_path, wanted)
+    if reason:
+        print(f"converting {model_path} -> {onnx_dir} ({reason}) ...", flush=True)
+        convert(model_path, onnx_dir, max_input_len=16, max_cache_len=max_cache_len, precision=precision,
+                log=lambda *a: None)
+    return onnx_dir
+
+
+def all_position_logits(onnx_dir: Path, token_ids: list[int]) -> np.ndarray:
+    """(len(token_ids), V) logits, prefill chunk by chunk (the output graph on every real row)."""
+    from pipeline.backends import OnnxBackend
+    from pipeline.generate import MemoryKVCache, prompt_chunks
+    from pipeline.masks import attention_window, step_inputs
+
+    backend = OnnxBackend(onnx_dir)
+    m = backend.manifest
+    cache, past_len, rows = MemoryKVCache(m), 0, []
+    for chunk in prompt_chunks(token_ids, m.max_input_len):
+        window = attention_window(m, past_len, len(chunk))
+        ids, mask, positions = step_inputs(chunk, past_len, m.max_input_len, window, m.mask_value)
+        hidden = backend.embed(ids)
+        for k in range(len(m.blocks)):
+            hidden, present_key, present_value = backend.block(k, hidden, mask, positions, *cache.past(k, window))
+            cache.store(k, past_len, len(chunk), present_key, present_value)
+        rows.append(backend.output(hidden)[0, :len(chunk)])
+        past_len += len(chunk)
+    return np.concatenate(rows)
+
+
+@cli_entry
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m benchmarks.quant_quality", description=__doc__.split("\n")[0])
+    p.add_argument("--model_path", default="", help="HF checkpoint (default: the benchmark's, written if missing)")
+    p.add_argument("--precision", choices=["int8", "int4", "fp16"], default="int4")
+    p.add_argument("--tokens", type=int, default=64, help="sequence length (default 64)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default=str(REPO / "runs" / "bench" / "quality.json"))
+    a = p.parse_args(argv)
+    if a.model_path:
+        model_path = Path(a.model_path).resolve()
+    else:
+        from benchmarks.bench import BENCH_MODEL, write_bench_checkpoint
+
+        model_path = (REPO / BENCH_MODEL).resolve()
+        write_bench_checkpoint(model_path)
+    C = max(64, 1 << (a.tokens - 1).bit_length())
+    ref_dir, q_dir = ensure_onnx(model_path, "fp32", C), ensure_onnx(model_path, a.precision, C)
+    from pipeline.manifest_io import load_manifest
+
+    vocab = load_manifest(ref_dir).model.vocab_size
+    token_ids = np.random.default_rng(a.seed).integers(0, vocab, a.tokens).tolist()
+    t = time.perf_counter()
+    ref, quant = all_position_logits(ref_dir, token_ids), all_position_logits(q_dir, token_ids)
+    cos = (ref * quant).sum(-1) / (np.linalg.norm(ref, axis=-1) * np.linalg.norm(quant, axis=-1))
+    top1 = float(np.mean(ref.argmax(-1) == quant.argmax(-1)))
+    result = {"model_path": str(model_path), "precision": a.precision, "tokens": a.tokens, "seed": a.seed,
+              "cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()), "top1_agreement": top1,
+              "max_abs_diff": float(np.abs(ref - quant).max()), "seconds": time.perf_counter() - t}
+    print(f"{a.precision} vs fp32 logits over {a.tokens} positions of {model_path.name}: cosine mean "
+          f"{result['cosine_mean']:.5f}, min {result['cosine_min']:.5f}; top-1 agreement {top1:.1%}")
+    write_json(a.out, result)
+    return 0
+
+
+if __name__ == "__main__":
+    main()
