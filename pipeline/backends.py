@@ -56,7 +56,8 @@ class OnnxBackend(Backend):
 
     Weights are memory-mapped from the .data files once and handed to every session as shared initializers,
     with onnxruntime's weight prepacking off: the prefill and decode sessions of a stage read the same pages
-    instead of each holding its own copy (and a session starts in tens of milliseconds)."""
+    instead of each holding its own copy (and a session starts in tens of milliseconds). int8/int4 graphs
+    (MatMulNBits) are the exception: they are fast only prepacked, so each session packs its own copy."""
 
     name = "onnx"
 
@@ -81,7 +82,11 @@ class OnnxBackend(Backend):
 
             opts = ort.SessionOptions()
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            opts.add_session_config_entry("session.disable_prepacking", "1")
+            # plain MatMul/Gemm read the shared pages as they are; MatMulNBits (int8/int4) is fast only with its
+            # weights prepacked, and onnxruntime packs only weights it loads itself (not shared initializers)
+            share = self.providers[0] == "CPUExecutionProvider" and not self.manifest.nonstandard_ops
+            if share:
+                opts.add_session_config_entry("session.disable_prepacking", "1")
             # stages run one after another: idle worker threads must sleep, not spin and steal the cores
             # from the next stage's session (measured: decode 3.6 -> ~9 tok/s in-memory on 2 cores)
             opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
@@ -89,7 +94,7 @@ class OnnxBackend(Backend):
                 opts.intra_op_num_threads = self.threads
             path = self.onnx_dir / self.manifest.graphs[mode][stage].file
             try:
-                if self.providers[0] == "CPUExecutionProvider":
+                if share:
                     for name, value in self._weights.initializers(path):
                         opts.add_initializer(name, value)
                 self._sessions[key] = ort.InferenceSession(str(path), opts, providers=self.providers)

@@ -74,8 +74,11 @@ class StageGraph:
         g = self.g
         packed, scales, block = self._weight_lookup.quantized(prefix + ".weight", self.p.weight_bits)
         out_features, in_features = packed.dims[0], packed.dims[1] * block
+        # accuracy_level 4: the kernel quantizes activations to int8 per block and multiplies in integers, as
+        # onnxruntime-genai's CPU int4 models do; 3x faster than float activations (13 -> 4.4 ms for the 49
+        # matrices of a 7-layer 0.6B block, measured) for a small error next to the weights' own
         y = g.op("MatMulNBits", x, g.weight(packed), g.weight(scales), domain="com.microsoft", K=in_features,
-                 N=out_features, bits=self.p.weight_bits, block_size=block)
+                 N=out_features, bits=self.p.weight_bits, block_size=block, accuracy_level=4)
         return g.op("Add", y, self.w(prefix + ".bias", F32)) if bias else y
 
     def rms_norm(self, x: str, weight_name: str) -> str:
