@@ -347,11 +347,23 @@ class Tokenizer:
         return self._tk.encode(text, add_special_tokens=False).ids
 
     def decode(self, ids, skip_special_tokens: bool = False) -> str:
+        """Text of ids. Ids past the tokenizer's vocabulary (a model's embedding table is often padded: Qwen3 has
+        151936 rows for 151669 tokens, and an untrained model can pick them) show as <unused id N>."""
         ids = [int(i) for i in ids]
-        bad = [i for i in ids if not 0 <= i < self.vocab_size]
+        bad = [i for i in ids if i < 0]
         if bad:
-            raise StagepipeError(f"token id {bad[0]} is outside the tokenizer's vocabulary (0..{self.vocab_size - 1})")
-        return self._tk.decode(ids, skip_special_tokens=skip_special_tokens)
+            raise StagepipeError(f"token id {bad[0]} is negative; token ids are 0..{self.vocab_size - 1}")
+        parts, run = [], []
+        for i in ids + [None]:
+            if i is not None and i < self.vocab_size:
+                run.append(i)
+                continue
+            if run:
+                parts.append(self._tk.decode(run, skip_special_tokens=skip_special_tokens))
+                run = []
+            if i is not None:
+                parts.append(f"<unused id {i}>")
+        return "".join(parts)
 
     def token_to_id(self, token: str) -> int | None:
         return self._tk.token_to_id(token)
