@@ -458,7 +458,7 @@ def worker_in_memory(spec: dict) -> dict:
     t = time.perf_counter()
     backend = OnnxBackend(Path(spec["onnx_dir"]), provider=spec.get("provider", "cpu"), threads=spec.get("threads", 0))
     m = backend.manifest
-    backend.open_all()  # as run_auto does: every graph set's sessions, weight pages mapped
+    backend.open_all(max_tokens=len(spec["prompt_ids"]) + spec["new_tokens"])  # as run_auto does
     session_s = time.perf_counter() - t
     stamps = []
     timed_output = backend.output

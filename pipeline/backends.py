@@ -13,7 +13,7 @@ import numpy as np
 
 from pipeline.errors import StagepipeError
 from pipeline.manifest_io import load_manifest
-from pipeline.masks import graph_set, hidden_dtype
+from pipeline.masks import attention_window, graph_set, hidden_dtype
 from schemas.manifest import Manifest
 
 
@@ -68,11 +68,17 @@ class OnnxBackend(Backend):
         self._sessions = {}
         self._weights = SharedWeights()
 
-    def open_all(self):
-        """Create every graph's session now, so that step timings measure compute only."""
-        for mode, stages in self.manifest.graphs.items():
+    def open_all(self, max_tokens: int | None = None):
+        """Create now the sessions a run that fills up to max_tokens cache slots uses (every graph's when None),
+        so that step timings measure compute only. Block graphs of larger windows are left to first use: each
+        session costs memory (int8/int4 ones a packed copy of the weights)."""
+        m = self.manifest
+        largest = attention_window(m, 0, min(max_tokens, m.max_cache_len)) if max_tokens else m.max_cache_len
+        for graphs, stages in m.graphs.items():
+            window = int(graphs.split("_c")[1]) if "_c" in graphs else m.max_cache_len
             for stage in stages:
-                self.session(mode, stage)
+                if not (stage.startswith("block") and window > largest):
+                    self.session(graphs, stage)
         self._weights.prefault()
 
     def session(self, mode: str, stage: str):

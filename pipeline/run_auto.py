@@ -167,7 +167,8 @@ class Run:
         write_text(run_json, self.settings.model_dump_json(indent=2) + "\n")
         self.kv  # create or check the cache now, before any step runs
         if hasattr(self.backend, "open_all"):
-            self.backend.open_all()  # sessions up front: step timings (TTFT, tokens/s) measure compute only
+            # sessions up front: step timings (TTFT, tokens/s) measure compute only
+            self.backend.open_all(max_tokens=len(self.settings.prompt_token_ids) + self.n_steps - len(self.chunks))
 
     def embed(self, s: int):
         if self.stopped_before(s):
