@@ -129,6 +129,8 @@ class Run:
     def prepare(self):
         """Lock the folder, reconcile run.json with these settings, apply --clean / --from_step / --reset_kv."""
         lock_run_dir(self.dir)
+        for stale in self.dir.glob("**/.*.tmp"):  # a write cut short by a crash (kill -9) leaves its temp file
+            stale.unlink(missing_ok=True)
         p = self.params
         run_json = self.dir / "run.json"
         if p.clean:
