@@ -5,7 +5,6 @@
     doit run_auto [--prompt ...]         generate through the stage pipeline, one task per (step, stage)
 """
 import sys
-from pathlib import Path
 
 from doit import create_after, task_params
 

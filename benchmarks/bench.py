@@ -209,13 +209,11 @@ def onnx_dir_for(model_path: Path, a) -> Path:
 
 
 def ensure_onnx(model_path: Path, onnx_dir: Path, a, log) -> dict:
-    from pipeline.convert import parse_cache_windows, check_cache_windows, default_cache_windows
+    from pipeline.convert import parse_cache_windows, resolve_cache_windows
     from pipeline.manifest_io import load_manifest
     from pipeline.model_source import staleness
 
-    windows = parse_cache_windows(a.cache_windows)
-    windows = check_cache_windows(default_cache_windows(a.max_input_len, a.max_cache_len) if windows is None
-                                  else windows, a.max_cache_len)
+    windows = resolve_cache_windows(parse_cache_windows(a.cache_windows), a.max_input_len, a.max_cache_len)
     wanted = {"max_input_len": a.max_input_len, "max_cache_len": a.max_cache_len, "precision": a.precision,
               "kv_dtype": a.kv_dtype, "cache_windows": windows}
     reason = staleness(onnx_dir, model_path, wanted)

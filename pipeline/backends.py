@@ -13,7 +13,7 @@ import numpy as np
 
 from pipeline.errors import StagepipeError
 from pipeline.manifest_io import load_manifest
-from pipeline.masks import attention_window, graph_set, hidden_dtype
+from pipeline.masks import attention_window, graph_set, graph_set_window, hidden_dtype
 from schemas.manifest import Manifest
 
 
@@ -48,7 +48,7 @@ class Backend:
         if window not in m.windows():
             raise StagepipeError(f"a block got a {window}-slot cache view; the graphs take "
                                  f"{', '.join(map(str, m.windows()))} slots")
-        return graph_set(m, self.mode_for(T), window)
+        return graph_set(self.mode_for(T), window, m.max_cache_len)
 
 
 class OnnxBackend(Backend):
@@ -75,7 +75,7 @@ class OnnxBackend(Backend):
         m = self.manifest
         largest = attention_window(m, 0, min(max_tokens, m.max_cache_len)) if max_tokens else m.max_cache_len
         for graphs, stages in m.graphs.items():
-            window = int(graphs.split("_c")[1]) if "_c" in graphs else m.max_cache_len
+            window = graph_set_window(graphs, m.max_cache_len)
             for stage in stages:
                 if not (stage.startswith("block") and window > largest):
                     self.session(graphs, stage)

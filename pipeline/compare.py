@@ -18,7 +18,6 @@ and compared no further; --strict counts them as failures too.
 from __future__ import annotations
 
 import argparse
-import os
 import re
 import sys
 from dataclasses import dataclass
@@ -27,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.atomic import atomic_write_path, write_text
-from pipeline.errors import StagepipeError, cli_entry
+from pipeline.errors import StagepipeError, cli_entry, stdout_may_close
 from pipeline.inspect import (HIDDEN_RE, INPUT_FILES, STEP_RE, classify, dump_json, fmt_num, format_table,
                               load_step_meta, open_npy, run_tokenizer, step_dirs, step_next_token,
                               tensor_sort_key, token_text)
@@ -379,7 +378,7 @@ def main(argv=None):
         require_matplotlib()  # fail before the work, not after
     report = compare(a.run_a, a.run_b, Tolerance(a.atol, a.rtol, a.min_cosine), strict=a.strict)
     to_stdout = a.json is not None and str(a.json) == "-"
-    try:
+    with stdout_may_close():
         if to_stdout:
             print(dump_json(report))
         else:
@@ -390,9 +389,6 @@ def main(argv=None):
         if a.plot is not None:
             write_plot(report, a.plot)
             print(f"plot written to {a.plot}", file=sys.stderr if to_stdout else sys.stdout)
-        sys.stdout.flush()
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0 if report["ok"] else 1
 
 

@@ -14,7 +14,6 @@ import argparse
 import hashlib
 import os
 import shutil
-import sys
 import time
 from pathlib import Path
 
@@ -25,6 +24,7 @@ from pipeline import __version__
 from pipeline.atomic import write_text
 from pipeline.errors import StagepipeError, cli_entry
 from pipeline.graphs import GraphShape, Precision, build_block, build_embed, build_output
+from pipeline.masks import graph_set
 from pipeline.model_config import load_model_config, split_layers
 from pipeline.onnx_builder import OPSET, WeightStore
 from pipeline.quantize import block_size_for, quantize_rows
@@ -179,7 +179,10 @@ def default_cache_windows(max_input_len: int, max_cache_len: int) -> list[int]:
     return sorted(w for w in smaller if max_input_len <= w < max_cache_len) + [max_cache_len]
 
 
-def check_cache_windows(windows: list[int], max_cache_len: int) -> list[int]:
+def resolve_cache_windows(windows: list[int] | None, max_input_len: int, max_cache_len: int) -> list[int]:
+    """The manifest's cache_windows for --cache_windows (None: the default ones): sorted, C included."""
+    if windows is None:
+        windows = default_cache_windows(max_input_len, max_cache_len)
     bad = [w for w in windows if not 1 <= w <= max_cache_len]
     if bad:
         raise StagepipeError(f"--cache_windows {bad[0]}: each window must be 1..max_cache_len ({max_cache_len})")
@@ -201,8 +204,7 @@ def convert(model_path, onnx_dir, blocks: int | None = None, layer_split: list[i
         kv_dtype = default_kv_dtype(precision)
     if kv_dtype not in ("float16", "float32"):
         raise StagepipeError(f"--kv_dtype {kv_dtype}: choose auto, float16 or float32")
-    windows = check_cache_windows(default_cache_windows(max_input_len, max_cache_len) if cache_windows is None
-                                  else cache_windows, max_cache_len)
+    windows = resolve_cache_windows(cache_windows, max_input_len, max_cache_len)
     config = load_model_config(model_path)
     ranges = split_layers(config.num_layers, blocks, layer_split)
     weights = CheckpointWeights(model_path)
@@ -227,13 +229,10 @@ def convert(model_path, onnx_dir, blocks: int | None = None, layer_split: list[i
 
 
 def _graph_sets(max_input_len: int, max_cache_len: int, windows: list[int]):
-    """-> [(graph set, mode, shape, block graphs only)]: the full-cache sets first, then one per smaller window."""
-    sets = []
-    for w in sorted(windows, reverse=True):
-        for mode, T in (("prefill", max_input_len), ("decode", 1)):
-            full = w == max_cache_len
-            sets.append((mode if full else f"{mode}_c{w}", mode, GraphShape(T=T, C=w), not full))
-    return sets
+    """-> [(graph set, mode, shape)]: the full-cache sets (every stage) first, then one per smaller window
+    (block graphs only)."""
+    return [(graph_set(mode, w, max_cache_len), mode, GraphShape(T=T, C=w))
+            for w in sorted(windows, reverse=True) for mode, T in (("prefill", max_input_len), ("decode", 1))]
 
 
 def _write_onnx_dir(config, ranges, weights, model_path, out, max_input_len, max_cache_len, precision, kv_dtype,
@@ -253,12 +252,11 @@ def _write_onnx_dir(config, ranges, weights, model_path, out, max_input_len, max
     graphs: dict[str, dict[str, GraphSpec]] = {name: {} for name, *_ in graph_sets}
     graph_hash = hashlib.sha256()
     nonstandard: set[str] = set()
-    jobs = [(stage, name, mode, shape) for stage in builders for name, mode, shape, blocks_only in graph_sets
-            if stage.startswith("block") or not blocks_only]
-    done = 0
+    sets_of = {stage: [gs for gs in graph_sets if stage.startswith("block") or gs[0] == gs[1]] for stage in builders}
+    total, done = sum(map(len, sets_of.values())), 0
     for stage, build in builders.items():
         store.open(f"{stage}.data")
-        for _, name, mode, shape in (j for j in jobs if j[0] == stage):
+        for name, mode, shape in sets_of[stage]:
             t0 = time.perf_counter()
             model = build(shape)
             # a window's graphs sit beside the full-cache ones and read the same <stage>.data
@@ -269,7 +267,7 @@ def _write_onnx_dir(config, ranges, weights, model_path, out, max_input_len, max
             graphs[name][stage] = _graph_spec(model, rel)
             nonstandard |= {f"{n.domain}:{n.op_type}" for n in model.graph.node if n.domain not in ("", "ai.onnx")}
             done += 1
-            log(f"[{done}/{len(jobs)}] {rel} ({time.perf_counter() - t0:.1f}s)")
+            log(f"[{done}/{total}] {rel} ({time.perf_counter() - t0:.1f}s)")
         store.close()
         _share_weights(out / "prefill" / f"{stage}.data", out / "decode" / f"{stage}.data", copy_weights)
     graph_hash.update(store.hasher.digest())

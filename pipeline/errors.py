@@ -1,7 +1,9 @@
 """One error type for everything a user can get wrong, and the CLI wrapper that prints it as one line."""
 from __future__ import annotations
 
+import contextlib
 import functools
+import os
 import sys
 
 
@@ -26,3 +28,13 @@ def cli_entry(main):
             sys.exit(130)
 
     return wrapper
+
+
+@contextlib.contextmanager
+def stdout_may_close():
+    """Printing a report: `... | head` may close stdout early; stop quietly instead of a traceback."""
+    try:
+        yield
+        sys.stdout.flush()
+    except BrokenPipeError:
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the interpreter's last flush is quiet too

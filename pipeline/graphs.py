@@ -114,7 +114,7 @@ def build_output(config: ModelConfig, precision: Precision, shape: GraphShape, w
 def build_block(config: ModelConfig, precision: Precision, shape: GraphShape, layers: range, weight_lookup):
     s = StageGraph(f"block_{layers.start}_{layers.stop}", config, precision, weight_lookup)
     g, c = s.g, config
-    T, C, H, D, KV, G = shape.T, shape.C, c.hidden_size, c.head_dim, c.num_key_value_heads, c.group_size
+    T, C, H, D, KV = shape.T, shape.C, c.hidden_size, c.head_dim, c.num_key_value_heads
     Lk = len(layers)
     hidden = g.input("hidden_states", precision.compute, (1, T, H))
     mask = g.input("attention_mask", F32, (1, 1, T, C + T))

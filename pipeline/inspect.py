@@ -16,14 +16,12 @@ import argparse
 import functools
 import json
 import math
-import os
 import re
-import sys
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import StagepipeError, cli_entry
+from pipeline.errors import StagepipeError, cli_entry, stdout_may_close
 from pipeline.validation import load_model_file
 from schemas.run import CacheRecord, RunSummary, StepMeta
 
@@ -491,14 +489,11 @@ def main(argv=None):
     p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of tables")
     a = p.parse_args(argv)
     info = inspect_path(a.path)
-    try:
+    with stdout_may_close():
         if a.json:
             print(dump_json(info))
         else:
             print_info(info)
-        sys.stdout.flush()
-    except BrokenPipeError:  # `... | head` closed the pipe: stop quietly
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0
 
 

@@ -31,9 +31,14 @@ def attention_window(manifest, past_len: int, q_len: int) -> int:
                          "KV cache")
 
 
-def graph_set(manifest, mode: str, window: int) -> str:
+def graph_set(mode: str, window: int, max_cache_len: int) -> str:
     """Key in manifest.graphs: "prefill"/"decode" for the full cache, "<mode>_c<W>" (block graphs) for a window."""
-    return mode if window == manifest.max_cache_len else f"{mode}_c{window}"
+    return mode if window == max_cache_len else f"{mode}_c{window}"
+
+
+def graph_set_window(name: str, max_cache_len: int) -> int:
+    """The attention window of a graph set named by graph_set."""
+    return int(name.split("_c")[1]) if "_c" in name else max_cache_len
 
 
 def hidden_dtype(manifest) -> np.dtype:

@@ -16,14 +16,13 @@ a dynamic dimension, a non-standard domain or a missing external data file.
 from __future__ import annotations
 
 import argparse
-import os
 import sys
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import StagepipeError, cli_entry
+from pipeline.errors import StagepipeError, cli_entry, stdout_may_close
 from pipeline.inspect import dump_json, format_table
 
 STANDARD_DOMAINS = {"", "ai.onnx", "ai.onnx.ml"}
@@ -313,11 +312,8 @@ def main(argv=None):
                    help="exit 1 also on dynamic dims, non-standard domains or missing external data files")
     a = p.parse_args(argv)
     report = ops_report(a.path, a.allow, a.strict)
-    try:
+    with stdout_may_close():
         print(dump_json(report)) if a.json else print_report(report)
-        sys.stdout.flush()
-    except BrokenPipeError:
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
     return 0 if report["ok"] else 1
 
 

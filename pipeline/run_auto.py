@@ -8,8 +8,6 @@ backend, so each graph's onnxruntime session is created once per run.
 from __future__ import annotations
 
 import shutil
-import sys
-import time
 from dataclasses import dataclass, field
 from pathlib import Path
 

@@ -58,11 +58,6 @@ def qwen3_tied(hf_checkpoints) -> Path:
 
 
 @pytest.fixture(scope="session")
-def qwen3_untied_gqa1(hf_checkpoints) -> Path:
-    return hf_checkpoints.path("qwen3_untied_gqa1")
-
-
-@pytest.fixture(scope="session")
 def qwen2_bias(hf_checkpoints) -> Path:
     return hf_checkpoints.path("qwen2_bias")
 
@@ -75,12 +70,6 @@ def qwen3_uneven(hf_checkpoints) -> Path:
 @pytest.fixture(scope="session")
 def qwen3_bf16_shards_v4(hf_checkpoints) -> Path:
     return hf_checkpoints.path("qwen3_bf16_shards_v4")
-
-
-@pytest.fixture(scope="session")
-def all_checkpoints(hf_checkpoints) -> dict[str, Path]:
-    """{spec name: checkpoint folder} for every spec in CHECKPOINT_SPECS (in that order)."""
-    return {name: hf_checkpoints.path(name) for name in CHECKPOINT_SPECS}
 
 
 @pytest.fixture
