@@ -23,7 +23,7 @@ from pipeline.kv_cache import KVCacheDir
 from pipeline.manifest_io import load_manifest
 from pipeline.run_lock import lock_run_dir
 from pipeline.sampling import check_sampling
-from pipeline.stage_ops import StepPaths
+from pipeline.stage_ops import StepPaths, final_hidden
 from pipeline.tokenizer import Tokenizer
 from pipeline.validation import load_model_file
 from schemas.run import RunSettings, RunSummary, SamplingSettings
@@ -216,7 +216,9 @@ class Run:
         for s in range(self.n_steps):
             d, name = self.step_dir(s), step_name(s)
             stopped = (lambda s=s: False if self.stopped_before(s) else None,)
-            deps = [str(self.step_dir(s - 1) / "logits.npy")] if s else []
+            # the previous step's last hidden states stand for the cache content (stage_ops.history_of)
+            history = [str(final_hidden(self.step_dir(s - 1), m))] if s else []
+            deps = list(history)
             if s >= n:
                 deps.append(str(self.step_dir(s - 1) / "next_token_id.txt"))
             step_config = {"tokens": self.chunks[s] if s < n else "previous", "past_len": self.past_len(s),
@@ -226,7 +228,6 @@ class Run:
                    "uptodate": [*stopped, config_changed(step_config)],
                    "targets": [str(d / f) for f in ("input_ids.npy", "attention_mask.npy", "position_ids.npy",
                                                     "hidden_block0.npy", "meta.json")]}
-            history = [str(self.step_dir(s - 1) / "logits.npy")] if s else []  # stands for the cache content
             for k in range(blocks):
                 yield {"basename": basename, "name": f"{name}:block{k}", "actions": [_guard(self.block, s, k)],
                        "file_dep": [str(d / f"hidden_block{k}.npy"), str(d / "attention_mask.npy"),

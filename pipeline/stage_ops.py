@@ -59,16 +59,21 @@ def save_meta(path: Path, meta: StepMeta):
     write_text(path, meta.model_dump_json(indent=2) + "\n")
 
 
-def history_of(prev_step_dir: Path | None) -> str:
-    """What a step's cache slots [0, past_len) depend on, in one digest: the previous step's logits, which
-    every earlier token and cache slot feeds. A step whose history changed is recomputed even when its own
-    token did not (an edit upstream can bring back the same token over a different cache)."""
+def final_hidden(step_dir: Path, m) -> Path:
+    return Path(step_dir) / f"hidden_block{len(m.blocks)}.npy"
+
+
+def history_of(prev_step_dir: Path | None, m) -> str:
+    """What a step's cache slots [0, past_len) depend on, in one digest: the previous step's last hidden states
+    (the head's input), which every earlier token and cache slot feeds. A step whose history changed is
+    recomputed even when its own token did not (an edit upstream can bring back the same token over a
+    different cache). The hidden states stand in for the logits: the same history in 4 KB, not 600 KB."""
     if prev_step_dir is None:
         return ""
-    logits = Path(prev_step_dir) / "logits.npy"
-    if not logits.exists():
-        raise StagepipeError(f"{logits}: the previous step has no logits yet; finish it first")
-    return digest(logits)
+    hidden = final_hidden(prev_step_dir, m)
+    if not hidden.exists():
+        raise StagepipeError(f"{hidden}: the previous step has not run all its blocks yet; finish it first")
+    return digest(hidden)
 
 
 def token_embed(backend: Backend, paths: StepPaths, step: int, past_len: int, token_ids: list[int],
@@ -82,7 +87,7 @@ def token_embed(backend: Backend, paths: StepPaths, step: int, past_len: int, to
     mode = step_mode(past_len, len(token_ids))
     T = graph_T(m, mode)
     hidden_out = Path(hidden_out or paths.hidden(0))
-    history = history_of(prev_step_dir) if past_len > 0 else ""
+    history = history_of(prev_step_dir, m) if past_len > 0 else ""
     inputs_digest = digest(m.graphs_fingerprint, backend.name, step, past_len, token_ids, history)
     if paths.meta.exists() and hidden_out.exists():
         old = load_meta(paths.meta)

@@ -305,14 +305,15 @@ def test_changed_history_recomputes_later_steps_even_with_same_token(small, refe
     shutil.copytree(reference_run, root)
     args = ["--onnx_dir", onnx_dir, "--run_root", root, "--prompt", PROMPT, "--steps", 10, "--ignore_eos"]
     step4 = json.loads((root / "step_0004" / "meta.json").read_text())
-    # step 4 is changed behind doit's back: its cache slot and its logits (not its sampled token)
+    # step 4 is changed behind doit's back: its cache slot and its last hidden states, which stand for the
+    # history of later steps (not its sampled token)
     for kind in ("key", "value"):
         cache = np.load(root / "kv_cache" / f"past_{kind}_block0.npy", mmap_mode="r+")
         cache[:, :, :, step4["past_len"]] += 1.0
         cache.flush()
         del cache
-    logits = np.load(root / "step_0004" / "logits.npy")
-    np.save(root / "step_0004" / "logits.npy", logits + 1.0)
+    last_hidden = sorted((root / "step_0004").glob("hidden_block*.npy"))[-1]
+    np.save(last_hidden, np.load(last_hidden) + 1.0)
     before = (root / "step_0005" / "hidden_block1.npy").read_bytes()
     run_doit(*args)
     assert (root / "step_0005" / "input_ids.npy").read_bytes() == (reference_run / "step_0005" /
