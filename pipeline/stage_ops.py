@@ -18,7 +18,7 @@ from pipeline.errors import StagepipeError
 from pipeline.kv_cache import store_slots
 from pipeline.masks import attention_window, graph_T, hidden_dtype, step_inputs, step_mode
 from pipeline.sampling import check_sampling, sample
-from pipeline.tensors import digest, load_tensor
+from pipeline.tensors import digest, parse_tensor, read_file
 from pipeline.validation import load_model_file
 from schemas.run import SamplingSettings, StageRecord, StepMeta
 
@@ -79,6 +79,7 @@ def history_of(prev_step_dir: Path | None, m) -> str:
 def token_embed(backend: Backend, paths: StepPaths, step: int, past_len: int, token_ids: list[int],
                 sampling: SamplingSettings, sample_next: bool = True, hidden_out: Path | None = None,
                 prev_step_dir: Path | None = None) -> StepMeta:
+    started = time.perf_counter()
     m = backend.manifest
     vocab = m.model.vocab_size
     bad = [t for t in token_ids if not 0 <= t < vocab]
@@ -94,7 +95,6 @@ def token_embed(backend: Backend, paths: StepPaths, step: int, past_len: int, to
         rec = old.stages.get("embed")
         if rec and rec.inputs_digest == inputs_digest:  # sampling is the output stage's business
             return old
-    started = time.perf_counter()
     window = attention_window(m, past_len, len(token_ids))
     input_ids, mask, positions = step_inputs(token_ids, past_len, T, window, m.mask_value)
     hidden = backend.embed(input_ids)
@@ -114,6 +114,7 @@ def token_embed(backend: Backend, paths: StepPaths, step: int, past_len: int, to
 def block(backend: Backend, paths: StepPaths, k: int, past_key: np.ndarray, past_value: np.ndarray,
           hidden_in: Path | None = None, hidden_out: Path | None = None) -> StepMeta:
     """Run block k; writes its hidden states and the step's new K/V into the cache slots (past_len...)."""
+    started = time.perf_counter()
     m = backend.manifest
     meta = load_meta(paths.meta)
     _check_meta(meta, backend, paths.meta)
@@ -121,19 +122,21 @@ def block(backend: Backend, paths: StepPaths, k: int, past_key: np.ndarray, past
         raise StagepipeError(f"--block {k}: this model has blocks 0..{len(m.blocks) - 1}")
     hidden_in, hidden_out = Path(hidden_in or paths.hidden(k)), Path(hidden_out or paths.hidden(k + 1))
     name = f"block{k}"
-    inputs_digest = digest(hidden_in, paths.attention_mask, paths.position_ids, meta.history)
+    raw = {"hidden states": read_file(hidden_in, "hidden states"),  # read once: for the digest and the arrays
+           "attention mask": read_file(paths.attention_mask, "attention mask"),
+           "position ids": read_file(paths.position_ids, "position ids")}
+    inputs_digest = digest(*raw.values(), meta.history)
     rec = meta.stages.get(name)
     if rec and rec.inputs_digest == inputs_digest and hidden_out.exists():
         return meta
-    started = time.perf_counter()
     T, H = graph_T(m, meta.mode), m.model.hidden_size
     W = meta.attention_window or m.max_cache_len
     if meta.past_len + meta.q_len > W or W not in m.windows():
         raise StagepipeError(f"{paths.meta}: past_len {meta.past_len} + q_len {meta.q_len} in a {W}-slot attention "
                              f"window, the graphs have windows {m.windows()}; rerun token_embed for this step")
-    hidden = load_tensor(hidden_in, (1, T, H), hidden_dtype(m), "hidden states")
-    mask = load_tensor(paths.attention_mask, (1, 1, T, W + T), np.float32, "attention mask")
-    positions = load_tensor(paths.position_ids, (1, T), np.int64, "position ids")
+    hidden = parse_tensor(raw["hidden states"], hidden_in, (1, T, H), hidden_dtype(m), "hidden states")
+    mask = parse_tensor(raw["attention mask"], paths.attention_mask, (1, 1, T, W + T), np.float32, "attention mask")
+    positions = parse_tensor(raw["position ids"], paths.position_ids, (1, T), np.int64, "position ids")
     window = (slice(None),) * 3 + (slice(0, W),)  # the cache slots this step attends to
     out, present_key, present_value = backend.block(k, hidden, mask, positions, past_key[window],
                                                     past_value[window])
@@ -151,20 +154,21 @@ def output(backend: Backend, paths: StepPaths, sampling: SamplingSettings | None
 
     A prefill step computes logits for its last real row only (through the T=1 graph), as generation needs;
     full_logits=True runs the prefill graph on all T rows, for comparing every position."""
+    started = time.perf_counter()
     m = backend.manifest
     meta = load_meta(paths.meta)
     _check_meta(meta, backend, paths.meta)
     if sampling is not None and sampling != meta.sampling:
         meta.sampling = check_sampling(sampling)
     hidden_in = Path(hidden_in or paths.hidden(len(m.blocks)))
-    inputs_digest = digest(hidden_in, meta.sampling.model_dump_json(), meta.sample_next, full_logits, meta.history)
+    raw = read_file(hidden_in, "hidden states")
+    inputs_digest = digest(raw, meta.sampling.model_dump_json(), meta.sample_next, full_logits, meta.history)
     rec = meta.stages.get("output")
     done = paths.logits.exists() and (not meta.sample_next or paths.next_token_file.exists())
     if rec and rec.inputs_digest == inputs_digest and done:
         return meta
-    started = time.perf_counter()
     T, H = graph_T(m, meta.mode), m.model.hidden_size
-    hidden = load_tensor(hidden_in, (1, T, H), hidden_dtype(m), "hidden states")
+    hidden = parse_tensor(raw, hidden_in, (1, T, H), hidden_dtype(m), "hidden states")
     last_row = T > 1 and not full_logits
     logits = backend.output(hidden[:, meta.q_len - 1:meta.q_len] if last_row else hidden)
     write_npy(paths.logits, logits)
