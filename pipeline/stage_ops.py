@@ -12,7 +12,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.atomic import write_npy, write_text
+from pipeline.atomic import rewrite_text, write_npy, write_text
 from pipeline.backends import Backend
 from pipeline.errors import StagepipeError
 from pipeline.kv_cache import store_slots
@@ -55,8 +55,9 @@ def load_meta(path: Path) -> StepMeta:
     return load_model_file(path, StepMeta)
 
 
-def save_meta(path: Path, meta: StepMeta):
-    write_text(path, meta.model_dump_json(indent=2) + "\n")
+def save_meta(path: Path, meta: StepMeta, last: bool = False):
+    """Every stage rewrites meta.json; the output stage, the step's last, passes last=True (atomic.rewrite_text)."""
+    rewrite_text(path, meta.model_dump_json(indent=2) + "\n", keep_spare=not last)
 
 
 def final_hidden(step_dir: Path, m) -> Path:
@@ -179,7 +180,7 @@ def output(backend: Backend, paths: StepPaths, sampling: SamplingSettings | None
         write_text(paths.next_token_text, token_text(token) if token_text else f"<{token}>")
         meta.next_token_id = token
     meta.stages["output"] = StageRecord(seconds=time.perf_counter() - started, inputs_digest=inputs_digest)
-    save_meta(paths.meta, meta)
+    save_meta(paths.meta, meta, last=True)
     return meta
 
 

@@ -69,3 +69,28 @@ def test_a_failed_write_keeps_the_old_file_and_no_temp(tmp_path):
     assert np.load(path).tolist() == [1.0] * 4
     assert temp_files(tmp_path) == []
     assert os.listdir(tmp_path) == ["logits.npy"]
+
+
+@pytest.mark.skipif(atomic._renameat2 is None, reason="no renameat2 on this platform")
+def test_rewrites_trade_places_with_a_spare_and_create_no_files(tmp_path):
+    path = tmp_path / "meta.json"
+    atomic.rewrite_text(path, "v1")  # no file yet: a plain atomic write
+    atomic.rewrite_text(path, "v2")  # creates the spare, swaps it in; v1's file becomes the spare
+    spare = atomic.spare_of(path)
+    inodes = {path.stat().st_ino, spare.stat().st_ino}
+    for text in ("v3 is longer than the others", "v4"):
+        atomic.rewrite_text(path, text)
+        assert {path.stat().st_ino, spare.stat().st_ino} == inodes  # the same two files, trading places
+    assert path.read_text() == "v4" and spare.read_text() == "v3 is longer than the others"
+    atomic.rewrite_text(path, "last", keep_spare=False)
+    assert path.read_text() == "last"
+    assert os.listdir(tmp_path) == ["meta.json"]
+
+
+def test_rewrite_falls_back_to_plain_atomic_writes(tmp_path, monkeypatch):
+    monkeypatch.setattr(atomic, "_renameat2", None)
+    path = tmp_path / "meta.json"
+    for text in ("a", "b", "c"):
+        atomic.rewrite_text(path, text)
+    assert path.read_text() == "c"
+    assert os.listdir(tmp_path) == ["meta.json"]
