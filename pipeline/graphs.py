@@ -83,7 +83,8 @@ class StageGraph:
 
     def rms_norm(self, x: str, weight_name: str) -> str:
         g = self.g
-        mean_sq = g.op("ReduceMean", g.op("Mul", x, x), axes=[-1], keepdims=1)
+        # Pow(x, 2), not x*x: onnxruntime fuses this exact chain into one SimplifiedLayerNormalization kernel
+        mean_sq = g.op("ReduceMean", g.op("Pow", x, g.const(2.0, F32)), axes=[-1], keepdims=1)
         denom = g.op("Sqrt", g.op("Add", mean_sq, g.const(self.c.rms_norm_eps, F32)))
         return g.op("Mul", g.op("Div", x, denom), self.w(weight_name, F32))
 
