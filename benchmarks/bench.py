@@ -280,7 +280,8 @@ def _step_dirs(root: Path) -> list[Path]:
 
 
 def bench_run_auto(ctx) -> dict:
-    a, root = ctx["args"], RUN_ROOT / "run_auto"
+    a = ctx["args"]
+    root = Path(a.runs_dir) / "run_auto"
     cmd = [sys.executable, "-m", "doit", "-f", "dodo.py", "run_auto", "--onnx_dir", ctx["onnx_dir"],
            "--run_root", root, "--clean", "--ignore_eos", "--steps", a.new_tokens, "--prompt", ctx["prompt"],
            "--provider", a.provider]
@@ -347,7 +348,7 @@ def bench_in_memory(ctx) -> dict:
 def bench_by_hand(ctx) -> dict:
     """The README's by-hand commands: one process per stage per step, for the prompt and a few decode steps."""
     a, onnx_dir = ctx["args"], ctx["onnx_dir"]
-    root = RUN_ROOT / "by_hand"
+    root = Path(a.runs_dir) / "by_hand"
     shutil.rmtree(root, ignore_errors=True)
     root.mkdir(parents=True)
     ids_file = root / "prompt_ids.txt"
@@ -684,11 +685,28 @@ def parse_args(argv):
     p.add_argument("--retries", type=int, default=2,
                    help=f"rerun a method up to this many times if other processes took more than "
                         f"{BUSY_SHARE * 100:.0f}%% of the CPUs")
+    p.add_argument("--runs_dir", default=str(RUN_ROOT),
+                   help="where run_auto and the by-hand stages write their run folders (default runs/bench); "
+                        "a tmpfs such as /dev/shm/stagepipe-bench takes the disk out of their timings")
     p.add_argument("--out", default=str(RUN_ROOT / "bench.json"), help="results JSON")
     p.add_argument("--worker", choices=sorted(WORKERS), help=argparse.SUPPRESS)
     p.add_argument("--spec", default="", help=argparse.SUPPRESS)
     p.add_argument("--write_checkpoint", default="", help=argparse.SUPPRESS)
     return p.parse_args(argv)
+
+
+def filesystem_of(path: Path) -> str:
+    """The type of the filesystem `path` is on (Linux /proc/mounts; 'unknown' elsewhere)."""
+    path.mkdir(parents=True, exist_ok=True)
+    best, fs = "", "unknown"
+    try:
+        for line in Path("/proc/mounts").read_text().splitlines():
+            _, mount, kind = line.split()[:3]
+            if str(path.resolve()).startswith(mount.rstrip("/") + "/") and len(mount) > len(best):
+                best, fs = mount, kind
+    except OSError:
+        pass
+    return fs
 
 
 def _versions() -> dict:
@@ -750,6 +768,7 @@ def main(argv=None):
     if a.model_path:
         a.model_path = str(Path(a.model_path).resolve())
     out_path = Path(a.out).resolve()
+    a.runs_dir = str(Path(a.runs_dir).resolve())
     onnx_arg = Path(a.onnx_dir).resolve() if a.onnx_dir else None
     os.chdir(REPO)
 
@@ -795,14 +814,16 @@ def main(argv=None):
             results[name] = r
             if r.get("other_cpu_share", 0) <= BUSY_SHARE:
                 break
+    runs_fs = filesystem_of(Path(a.runs_dir))
     lines = ["", f"stagepipe benchmark: {model_path} ({sizes['layers']} layers, hidden {sizes['hidden_size']}), "
-                 f"{len(ids)}-token prompt, {a.new_tokens} new tokens, {os.cpu_count()} CPUs"]
+                 f"{len(ids)}-token prompt, {a.new_tokens} new tokens, {os.cpu_count()} CPUs; run folders on "
+                 f"{runs_fs} ({a.runs_dir})"]
     targets = report(results, sizes, lines)
     print("\n".join(lines), flush=True)
     write_json(out_path, {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": _versions(), "code": code,
                           "model_path": str(model_path), "onnx_dir": str(onnx_dir), "settings": vars(a) | {
                               "worker": None}, "prompt": prompt, "prompt_token_ids": ids, "sizes": sizes,
-                          "convert": convert_info, "results": results, "targets": targets, "table": lines})
+                          "convert": convert_info, "runs_filesystem": runs_fs, "results": results, "targets": targets, "table": lines})
     print(f"\nwrote {out_path}")
     return 0
 
