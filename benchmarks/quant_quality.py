@@ -52,7 +52,7 @@ def all_position_logits(onnx_dir: Path, token_ids: list[int]) -> np.ndarray:
         ids, mask, positions = step_inputs(chunk, past_len, m.max_input_len, window, m.mask_value)
         hidden = backend.embed(ids)
         for k in range(len(m.blocks)):
-            hidden, present_key, present_value = backend.block(k, hidden, mask, positions, *cache.past(k, window))
+            hidden, present_key, present_value = backend.block(k, hidden, mask, positions, *cache.past(k))
             cache.store(k, past_len, len(chunk), present_key, present_value)
         rows.append(backend.output(hidden)[0, :len(chunk)])
         past_len += len(chunk)

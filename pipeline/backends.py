@@ -1,5 +1,6 @@
 """Backends map stage inputs to stage outputs. A step picks the prefill or decode graphs by its T, and a block's
-graphs by the attention window W its past_key/past_value views have (the cache slots [0, W) it attends to).
+graphs by its attention window W (the cache slots [0, W) it attends to), which the attention mask's width tells:
+(1,1,T,W+T).
 
 To plug in another runtime (an NPU's), subclass Backend and implement the three methods; everything else
 (files, cache, sampling, run_auto) stays the same.
@@ -28,8 +29,9 @@ class Backend:
         raise NotImplementedError
 
     def block(self, k: int, hidden, attention_mask, position_ids, past_key, past_value):
-        """past_key/past_value: (Lk,1,KV,W,D) views of the cache, W one of manifest.windows() (see
-        block_graph_set). -> (hidden_states_out (1,T,H), present_key, present_value (Lk,1,KV,T,D))"""
+        """past_key/past_value: the block's (Lk,1,KV,C,D) cache; the step attends to its slots [0, W), W =
+        attention_mask.shape[3] - T, one of manifest.windows() (see block_window).
+        -> (hidden_states_out (1,T,H), present_key, present_value (Lk,1,KV,T,D))"""
         raise NotImplementedError
 
     def output(self, hidden: np.ndarray) -> np.ndarray:
@@ -46,9 +48,13 @@ class Backend:
     def block_graph_set(self, T: int, window: int) -> str:
         m = self.manifest
         if window not in m.windows():
-            raise StagepipeError(f"a block got a {window}-slot cache view; the graphs take "
+            raise StagepipeError(f"a block step attends to {window} cache slots; the graphs have windows of "
                                  f"{', '.join(map(str, m.windows()))} slots")
         return graph_set(self.mode_for(T), window, m.max_cache_len)
+
+    def block_window(self, hidden, attention_mask) -> int:
+        """The attention window W of a block step, from its mask (1,1,T,W+T)."""
+        return attention_mask.shape[3] - hidden.shape[1]
 
 
 class OnnxBackend(Backend):
@@ -117,10 +123,13 @@ class OnnxBackend(Backend):
         return self._run("embed", input_ids.shape[1], {"input_ids": input_ids})[0]
 
     def block(self, k, hidden, attention_mask, position_ids, past_key, past_value):
-        # a window's view of the cache file is strided; onnxruntime wants it contiguous (a copy of W slots only)
+        graphs = self.block_graph_set(hidden.shape[1], self.block_window(hidden, attention_mask))
+        slots = next(i.shape[3] for i in self.manifest.graphs[graphs][f"block{k}"].inputs if i.name == "past_key")
+        if slots < past_key.shape[3]:  # graphs converted before whole-cache inputs take the window only
+            past_key, past_value = past_key[:, :, :, :slots], past_value[:, :, :, :slots]
+        # the whole cache goes in as it is (onnxruntime reads the buffer, no copy); a window view is copied
         feeds = {"hidden_states": hidden, "attention_mask": attention_mask, "position_ids": position_ids,
                  "past_key": np.ascontiguousarray(past_key), "past_value": np.ascontiguousarray(past_value)}
-        graphs = self.block_graph_set(hidden.shape[1], past_key.shape[3])
         return tuple(self.session(graphs, f"block{k}").run(None, feeds))
 
     def output(self, hidden):
@@ -148,10 +157,11 @@ class ReferenceBackend(Backend):
         return self.model.embed(input_ids).astype(self.compute_dtype)
 
     def block(self, k, hidden, attention_mask, position_ids, past_key, past_value):
-        self.block_graph_set(hidden.shape[1], past_key.shape[3])
+        window = self.block_window(hidden, attention_mask)
+        self.block_graph_set(hidden.shape[1], window)
         b = self.manifest.blocks[k]
         return self.model.block(range(b.layer_start, b.layer_end), hidden, attention_mask, position_ids,
-                                past_key, past_value)
+                                past_key[:, :, :, :window], past_value[:, :, :, :window])
 
     def output(self, hidden):
         return self.model.output(hidden)

@@ -231,7 +231,7 @@ def convert(model_path, onnx_dir, blocks: int | None = None, layer_split: list[i
 def _graph_sets(max_input_len: int, max_cache_len: int, windows: list[int]):
     """-> [(graph set, mode, shape)]: the full-cache sets (every stage) first, then one per smaller window
     (block graphs only)."""
-    return [(graph_set(mode, w, max_cache_len), mode, GraphShape(T=T, C=w))
+    return [(graph_set(mode, w, max_cache_len), mode, GraphShape(T=T, C=w, cache_len=max_cache_len))
             for w in sorted(windows, reverse=True) for mode, T in (("prefill", max_input_len), ("decode", 1))]
 
 

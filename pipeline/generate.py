@@ -25,8 +25,8 @@ class MemoryKVCache:
         self.keys = [np.zeros(block_shape(manifest, k), dtype) for k in blocks]
         self.values = [np.zeros(block_shape(manifest, k), dtype) for k in blocks]
 
-    def past(self, k: int, window: int):
-        return self.keys[k][:, :, :, :window], self.values[k][:, :, :, :window]
+    def past(self, k: int):
+        return self.keys[k], self.values[k]
 
     def store(self, k: int, past_len: int, q_len: int, present_key, present_value):
         store_slots(self.keys[k], past_len, q_len, present_key)
@@ -41,7 +41,7 @@ def forward_step(backend: Backend, cache, token_ids: list[int], past_len: int) -
     input_ids, mask, positions = step_inputs(token_ids, past_len, T, window, m.mask_value)
     hidden = backend.embed(input_ids)
     for k in range(len(m.blocks)):
-        hidden, present_key, present_value = backend.block(k, hidden, mask, positions, *cache.past(k, window))
+        hidden, present_key, present_value = backend.block(k, hidden, mask, positions, *cache.past(k))
         cache.store(k, past_len, len(token_ids), present_key, present_value)
     last = hidden[:, len(token_ids) - 1:len(token_ids)]  # the head runs on the last real row only (T=1 graph)
     return backend.output(last)[0, 0]

@@ -24,7 +24,12 @@ F32 = np.float32
 @dataclass(frozen=True)
 class GraphShape:
     T: int  # tokens per step
-    C: int  # KV cache slots
+    C: int  # KV cache slots a step attends to (the attention window)
+    cache_len: int = 0  # slots of the past_key/past_value inputs: the whole cache (0: C)
+
+    @property
+    def cache_slots(self) -> int:
+        return self.cache_len or self.C
 
 
 @dataclass(frozen=True)
@@ -120,8 +125,10 @@ def build_block(config: ModelConfig, precision: Precision, shape: GraphShape, la
     hidden = g.input("hidden_states", precision.compute, (1, T, H))
     mask = g.input("attention_mask", F32, (1, 1, T, C + T))
     positions = g.input("position_ids", np.int64, (1, T))
-    past_key = g.input("past_key", precision.kv, (Lk, 1, KV, C, D))
-    past_value = g.input("past_value", precision.kv, (Lk, 1, KV, C, D))
+    # the whole cache comes in (the caller passes its buffer as it is, no copy) and each layer slices its
+    # first C slots: for a smaller window that slice is the one copy of the cache a step makes
+    past_key = g.input("past_key", precision.kv, (Lk, 1, KV, shape.cache_slots, D))
+    past_value = g.input("past_value", precision.kv, (Lk, 1, KV, shape.cache_slots, D))
 
     x = g.op("Reshape", hidden, g.const([T, H]))
     if precision.is_fp16:
@@ -166,9 +173,9 @@ def _rope(s: StageGraph, x: str, cos: str, sin_signed: str, D: int) -> str:
 
 
 def _cache_layer(s: StageGraph, past: str, i: int, KV: int, C: int, D: int) -> str:
-    """Layer i of a (Lk,1,KV,C,D) cache input as float32 (KV,C,D)."""
+    """Slots [0, C) of layer i of a (Lk,1,KV,slots,D) cache input, as float32 (KV,C,D)."""
     g = s.g
-    layer = g.op("Gather", past, g.const(i), axis=0)
+    layer = g.op("Slice", past, g.const([i, 0]), g.const([i + 1, C]), g.const([0, 3]))
     layer = g.op("Reshape", layer, g.const([KV, C, D]))
     return s.cast(layer, F32) if s.p.kv != np.float32 else layer
 

@@ -138,9 +138,7 @@ def block(backend: Backend, paths: StepPaths, k: int, past_key: np.ndarray, past
     hidden = parse_tensor(raw["hidden states"], hidden_in, (1, T, H), hidden_dtype(m), "hidden states")
     mask = parse_tensor(raw["attention mask"], paths.attention_mask, (1, 1, T, W + T), np.float32, "attention mask")
     positions = parse_tensor(raw["position ids"], paths.position_ids, (1, T), np.int64, "position ids")
-    window = (slice(None),) * 3 + (slice(0, W),)  # the cache slots this step attends to
-    out, present_key, present_value = backend.block(k, hidden, mask, positions, past_key[window],
-                                                    past_value[window])
+    out, present_key, present_value = backend.block(k, hidden, mask, positions, past_key, past_value)
     store_slots(past_key, meta.past_len, meta.q_len, present_key)
     store_slots(past_value, meta.past_len, meta.q_len, present_value)
     write_npy(hidden_out, out)

@@ -148,7 +148,8 @@ def onnx_generate(onnx_dir: Path, prompt: list[int], new_tokens: int, windows: b
                   used: set | None = None) -> tuple[list[int], np.ndarray]:
     """Greedy generation with the test's own KV cache: prefill graphs over T-token chunks, then decode graphs.
     windows=True: each step's blocks run the graphs of the smallest attention window W >= past_len + q_len
-    (graph set "<mode>_c<W>", or "<mode>" when W = C) on cache slots [0, W) only; `used` collects the sets.
+    (graph set "<mode>_c<W>", or "<mode>" when W = C), which take the whole cache and read slots [0, W) only;
+    `used` collects the sets.
 
     Per block the cache is a (Lk,1,KV,C,D) array; a step writes only slots [past_len, past_len + q_len) from
     the first q_len rows of present_key/value (padding rows are never stored). Slots not written yet hold
@@ -174,7 +175,7 @@ def onnx_generate(onnx_dir: Path, prompt: list[int], new_tokens: int, windows: b
         for k, (keys, values) in enumerate(cache):
             hidden, present_k, present_v = st.run(
                 blocks, f"block{k}", hidden_states=hidden, attention_mask=mask, position_ids=positions,
-                past_key=np.ascontiguousarray(keys[:, :, :, :W]), past_value=np.ascontiguousarray(values[:, :, :, :W]))
+                past_key=keys, past_value=values)
             assert present_k.shape[3] == steps_T and present_k.dtype == kv_dtype
             q = len(tokens)
             keys[:, :, :, past_len:past_len + q] = present_k[:, :, :, :q]
@@ -261,14 +262,32 @@ def test_reference_generate_matches_transformers(name, converted, hf_greedy):
     assert generate(ReferenceBackend(converted(name)), prompt, GREEDY_NEW_TOKENS) == hf_greedy(name)
 
 
+def test_graphs_with_window_sized_cache_inputs_still_run(tmp_path, checkpoint_path, hf_greedy, monkeypatch):
+    """onnx_dirs converted before block graphs took the whole cache (past_key of W slots, not C) still generate
+    the same tokens: the backend passes them the window's slots."""
+    import pipeline.convert as convert_mod
+    from pipeline.graphs import GraphShape
+
+    name, real = "qwen3_tied", convert_mod._graph_sets
+    monkeypatch.setattr(convert_mod, "_graph_sets", lambda *a: [(graphs, mode, GraphShape(T=shape.T, C=shape.C))
+                                                               for graphs, mode, shape in real(*a)])
+    old = tmp_path / "old"
+    convert(checkpoint_path(name), old, max_input_len=T, max_cache_len=C, log=lambda *a: None, **SPLITS[name])
+    past_key = next(i for i in Manifest.model_validate_json((old / "manifest.json").read_text())
+                    .graphs[f"decode_c{C // 4}"]["block0"].inputs if i.name == "past_key")
+    assert past_key.shape[3] == C // 4  # the old layout
+    assert generate(OnnxBackend(old), prompt_ids(CHECKPOINT_SPECS[name]), GREEDY_NEW_TOKENS) == hf_greedy(name)
+
+
 @pytest.mark.parametrize("backend_class", [ReferenceBackend, OnnxBackend])
-def test_backend_refuses_a_cache_view_without_graphs(backend_class, converted):
+def test_backend_refuses_a_window_without_graphs(backend_class, converted):
     backend = backend_class(converted("qwen3_tied"))
     m = backend.manifest
     b, mc = m.blocks[0], m.model
-    past = np.zeros((b.num_layers, 1, mc.num_key_value_heads, 20, mc.head_dim), np.float32)
+    past = np.zeros((b.num_layers, 1, mc.num_key_value_heads, m.max_cache_len, mc.head_dim), np.float32)
     ids, mask, positions = step_inputs([1], 10, 1, 20, m.mask_value)
-    with pytest.raises(StagepipeError, match="a block got a 20-slot cache view; the graphs take 8, 16, 32, 64 slots"):
+    with pytest.raises(StagepipeError, match="a block step attends to 20 cache slots; the graphs have windows of 8, "
+                                             "16, 32, 64 slots"):
         backend.block(0, np.zeros((1, 1, mc.hidden_size), np.float32), mask, positions, past, past)
 
 
@@ -318,7 +337,8 @@ def test_fp16_block_fully_masked_rows_stay_finite(name, mode, converted):
 
 def expected_io(spec, precision: str, mode: str, block_layers: list[int], window: int = C) -> dict[str, tuple[list, list]]:
     """stage -> ([(name, shape, dtype) inputs], [... outputs]), written down from the spec, not from the code.
-    window: the cache slots a block graph attends over (C, or a smaller attention window)."""
+    window: the cache slots a block graph attends over (C, or a smaller attention window); every block graph
+    takes the whole C-slot cache, its mask is as wide as the window."""
     steps_T, W = (T if mode == "prefill" else 1), window
     H, V, KV, D = spec.hidden, spec.vocab, spec.kv_heads, spec.resolved_head_dim
     act = "float16" if precision == "fp16" else "float32"
@@ -328,8 +348,8 @@ def expected_io(spec, precision: str, mode: str, block_layers: list[int], window
     for k, Lk in enumerate(block_layers):
         io[f"block{k}"] = (
             [("hidden_states", [1, steps_T, H], act), ("attention_mask", [1, 1, steps_T, W + steps_T], "float32"),
-             ("position_ids", [1, steps_T], "int64"), ("past_key", [Lk, 1, KV, W, D], kv),
-             ("past_value", [Lk, 1, KV, W, D], kv)],
+             ("position_ids", [1, steps_T], "int64"), ("past_key", [Lk, 1, KV, C, D], kv),
+             ("past_value", [Lk, 1, KV, C, D], kv)],
             [("hidden_states_out", [1, steps_T, H], act), ("present_key", [Lk, 1, KV, steps_T, D], kv),
              ("present_value", [Lk, 1, KV, steps_T, D], kv)])
     return io
