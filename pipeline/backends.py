@@ -99,12 +99,12 @@ class OnnxBackend(Backend):
             share = self.providers[0] == "CPUExecutionProvider" and not self.manifest.nonstandard_ops
             if share:
                 opts.add_session_config_entry("session.disable_prepacking", "1")
-            if not (self.providers[0] == "CPUExecutionProvider" and share_thread_pool(opts, self.threads)):
-                # a session's own idle workers must sleep, not spin and steal the cores from the next
-                # stage's session (measured: decode 3.6 -> ~9 tok/s in-memory on 2 cores)
-                opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
-                if self.threads:
-                    opts.intra_op_num_threads = self.threads
+            # worker threads spin between the ops of a run (a decode block is hundreds of small ops) and stop when
+            # it ends, so one session's idle workers never spin on the cores the next stage's session needs
+            # (int4 decode step 21.6 -> 18.9 ms on 2 cores; spinning on between runs: decode 3.6 vs ~9 tok/s)
+            opts.add_session_config_entry("session.force_spinning_stop", "1")
+            if self.threads:
+                opts.intra_op_num_threads = self.threads
             path = self.onnx_dir / self.manifest.graphs[mode][stage].file
             try:
                 if share:
@@ -201,29 +201,6 @@ class SharedWeights:
             value = ort.OrtValue.ortvalue_from_numpy(self._arrays[key])
             self._values.append(value)
             yield t.name, value
-
-
-_pool_threads: int | None = None  # the size the process-wide onnxruntime thread pool was made with
-
-
-def share_thread_pool(opts, threads: int) -> bool:
-    """Put a session on the process's one onnxruntime thread pool (made on first use with `threads` threads,
-    0: one per core) and return True; False when that pool has another size (the session keeps its own).
-
-    Stages run one after another, so one pool serves them all. Its workers spin between the ops of a run but
-    stop when a run ends (force_spinning_stop), so they leave the cores to the file work between stages. An
-    int4 decode step (4 blocks + head, 2 cores) took 25.2 ms on it vs 28.3 ms on per-session pools."""
-    global _pool_threads
-    import onnxruntime as ort
-
-    if _pool_threads is None:
-        ort.capi._pybind_state.set_global_thread_pool_sizes(threads, 1)
-        _pool_threads = threads
-    if _pool_threads != threads:
-        return False
-    opts.use_per_session_threads = False
-    opts.add_session_config_entry("session.force_spinning_stop", "1")
-    return True
 
 
 def onnx_providers(provider: str) -> list[str]:
