@@ -455,7 +455,8 @@ def worker_in_memory(spec: dict) -> dict:
     from pipeline.sampling import SamplingSettings
 
     t = time.perf_counter()
-    backend = OnnxBackend(Path(spec["onnx_dir"]), provider=spec.get("provider", "cpu"), threads=spec.get("threads", 0))
+    backend = OnnxBackend(Path(spec["onnx_dir"]), provider=spec.get("provider", "cpu"), threads=spec.get("threads", 0),
+                          process_pool=True)  # as run_auto's
     m = backend.manifest
     backend.open_all(max_tokens=len(spec["prompt_ids"]) + spec["new_tokens"])  # as run_auto does
     session_s = time.perf_counter() - t

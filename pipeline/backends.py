@@ -67,10 +67,12 @@ class OnnxBackend(Backend):
 
     name = "onnx"
 
-    def __init__(self, onnx_dir: Path, manifest: Manifest | None = None, provider: str = "cpu", threads: int = 0):
+    def __init__(self, onnx_dir: Path, manifest: Manifest | None = None, provider: str = "cpu", threads: int = 0,
+                 process_pool: bool = False):
         super().__init__(onnx_dir, manifest)
         self.providers = onnx_providers(provider)
         self.threads = threads
+        self.process_pool = process_pool  # see use_process_thread_pool
         self._sessions = {}
         self._weights = SharedWeights()
 
@@ -103,7 +105,8 @@ class OnnxBackend(Backend):
             # it ends, so one session's idle workers never spin on the cores the next stage's session needs
             # (int4 decode step 21.6 -> 18.9 ms on 2 cores; spinning on between runs: decode 3.6 vs ~9 tok/s)
             opts.add_session_config_entry("session.force_spinning_stop", "1")
-            if self.threads:
+            cpu = self.providers[0] == "CPUExecutionProvider"
+            if not (self.process_pool and cpu and use_process_thread_pool(opts, self.threads)) and self.threads:
                 opts.intra_op_num_threads = self.threads
             path = self.onnx_dir / self.manifest.graphs[mode][stage].file
             try:
@@ -201,6 +204,29 @@ class SharedWeights:
             value = ort.OrtValue.ortvalue_from_numpy(self._arrays[key])
             self._values.append(value)
             yield t.name, value
+
+
+_pool_threads: int | None = None  # the size the process-wide onnxruntime thread pool was made with
+
+
+def use_process_thread_pool(opts, threads: int) -> bool:
+    """Put a session on the process's one onnxruntime thread pool (made on first use with `threads` threads,
+    0: one per core) and return True; False when that pool has another size (one size per process).
+
+    For processes whose every session is a stage's (run_auto, the benchmark's loop): once the pool exists,
+    onnxruntime refuses sessions with their own threads in the process. Stages run one after another, so one
+    pool serves them all; in run_auto an int4 decode block took 4.5 ms on it against ~6 ms with a pool per
+    session (same spinning settings)."""
+    global _pool_threads
+    import onnxruntime as ort
+
+    if _pool_threads is None:
+        ort.capi._pybind_state.set_global_thread_pool_sizes(threads, 1)
+        _pool_threads = threads
+    if _pool_threads != threads:
+        return False
+    opts.use_per_session_threads = False
+    return True
 
 
 def onnx_providers(provider: str) -> list[str]:

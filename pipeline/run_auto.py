@@ -101,7 +101,8 @@ class Run:
     @property
     def backend(self):
         if self._backend is None:
-            kwargs = {"provider": self.params.provider} if self.params.backend == "onnx" else {}
+            # this process runs stages only: their sessions can share one thread pool
+            kwargs = {"provider": self.params.provider, "process_pool": True} if self.params.backend == "onnx" else {}
             self._backend = make_backend(self.params.backend, self.params.onnx_dir, self.manifest, **kwargs)
         return self._backend
 
