@@ -109,7 +109,8 @@ BENCH_PARAMS = [
      "help": "checkpoint (default: random Qwen3-0.6B-shaped models/bench-qwen3-0.6b, written if missing)"},
     {"name": "small", "long": "small", "type": bool, "default": False, "help": "the tiny demo checkpoint: smoke run"},
     {"name": "new_tokens", "long": "new_tokens", "type": int, "default": 32, "help": "greedy new tokens"},
-    {"name": "precision", "long": "precision", "type": str, "default": "fp32", "help": "fp32, fp16, int8 or int4 graphs"},
+    {"name": "precision", "long": "precision", "type": str, "default": "fp32",
+     "help": "fp32, fp16, int8 or int4 graphs"},
 ]
 
 

@@ -824,7 +824,8 @@ def main(argv=None):
     write_json(out_path, {"created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "versions": _versions(), "code": code,
                           "model_path": str(model_path), "onnx_dir": str(onnx_dir), "settings": vars(a) | {
                               "worker": None}, "prompt": prompt, "prompt_token_ids": ids, "sizes": sizes,
-                          "convert": convert_info, "runs_filesystem": runs_fs, "results": results, "targets": targets, "table": lines})
+                          "convert": convert_info, "runs_filesystem": runs_fs, "results": results,
+                          "targets": targets, "table": lines})
     print(f"\nwrote {out_path}")
     return 0
 

@@ -29,19 +29,26 @@ _renameat2 = _load_renameat2()
 _AT_FDCWD, _RENAME_EXCHANGE = -100, 2
 
 
+def _swap(a, b) -> int:
+    """Exchange two files atomically (renameat2 RENAME_EXCHANGE): 0, or the errno."""
+    if _renameat2(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return 0
+    return ctypes.get_errno()
+
+
 def replace_file(tmp, path):
     """Atomically put file `tmp` in place of `path` (the reader sees the old or the new file, never neither).
 
-    Where the kernel can, an existing `path` is swapped with `tmp` (renameat2 RENAME_EXCHANGE) and the old file,
-    now at `tmp`, removed. A plain rename over an existing file makes ext4 start writing the new file out at
-    once (its auto_da_alloc safeguard); on a 2-core machine that I/O slowed the next onnxruntime run by a third
-    (an int4 block, 5.8 -> 8.5 ms: meta.json is rewritten after every stage). The swap does not trigger it."""
+    Where the kernel can, an existing `path` is swapped with `tmp` and the old file, now at `tmp`, removed. A
+    plain rename over an existing file makes ext4 start writing the new file out at once (its auto_da_alloc
+    safeguard); on a 2-core machine that I/O made the next onnxruntime run ~45% slower (an int4 block, 5.8 ->
+    8.5 ms: meta.json is rewritten after every stage). The swap does not trigger it."""
     global _renameat2
     if _renameat2 is not None:
-        if _renameat2(_AT_FDCWD, os.fsencode(tmp), _AT_FDCWD, os.fsencode(path), _RENAME_EXCHANGE) == 0:
+        err = _swap(tmp, path)
+        if err == 0:
             os.unlink(tmp)
             return
-        err = ctypes.get_errno()
         if err in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP):  # a filesystem without the swap
             _renameat2 = None
         elif err != errno.ENOENT:  # ENOENT: no file at `path` yet, a plain rename below is all it takes
@@ -125,7 +132,7 @@ def rewrite_text(path, text: str, keep_spare: bool = True):
             os.close(fd)
     except OSError:
         return write_bytes(path, data)
-    if _renameat2(_AT_FDCWD, os.fsencode(spare), _AT_FDCWD, os.fsencode(path), _RENAME_EXCHANGE) != 0:
+    if _swap(spare, path) != 0:
         os.replace(spare, path)  # the swap failed (file just removed?): a plain rename keeps the write atomic
     elif not keep_spare:
         os.unlink(spare)

@@ -106,7 +106,8 @@ class OnnxBackend(Backend):
             # (int4 decode step 21.6 -> 18.9 ms on 2 cores; spinning on between runs: decode 3.6 vs ~9 tok/s)
             opts.add_session_config_entry("session.force_spinning_stop", "1")
             cpu = self.providers[0] == "CPUExecutionProvider"
-            if not (self.process_pool and cpu and use_process_thread_pool(opts, self.threads)) and self.threads:
+            on_process_pool = self.process_pool and cpu and use_process_thread_pool(opts, self.threads)
+            if self.threads and not on_process_pool:
                 opts.intra_op_num_threads = self.threads
             path = self.onnx_dir / self.manifest.graphs[mode][stage].file
             try:

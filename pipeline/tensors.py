@@ -32,11 +32,12 @@ def parse_npy(raw: bytes) -> np.ndarray:
         end = 10 + int.from_bytes(raw[8:10], "little")
         header = _PLAIN_HEADER.fullmatch(raw, 10, end)
         if header:
+            dtype = np.dtype(header.group(1).decode())
             shape = tuple(int(n) for n in header.group(2).split(b",") if n.strip())
             count = int(np.prod(shape, dtype=np.int64))
-            if len(raw) != end + count * np.dtype(header.group(1).decode()).itemsize:
+            if len(raw) != end + count * dtype.itemsize:
                 raise ValueError(f"{len(raw) - end} data bytes for shape {shape}")
-            return np.frombuffer(raw, header.group(1).decode(), count, end).reshape(shape)
+            return np.frombuffer(raw, dtype, count, end).reshape(shape)
     return np.load(io.BytesIO(raw), allow_pickle=False)
 
 

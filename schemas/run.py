@@ -61,7 +61,8 @@ class StepMeta(Strict):
     backend: str = "onnx"
     sampling: SamplingSettings
     sample_next: bool = True  # False for a prompt chunk that another prompt chunk follows
-    history: str = ""  # md5 of the previous step's last hidden states: stands for the cache content this step attends to
+    # md5 of the previous step's last hidden states: stands for the cache content this step attends to
+    history: str = ""
     stages: dict[str, StageRecord] = {}
     next_token_id: int | None = None
 
