@@ -170,12 +170,14 @@ def run_child(cmd: list, log_path: Path, timeout_s: float, env=None) -> Child:
 
 
 def busy_cpu_s() -> float:
-    """CPU seconds the whole machine has spent busy (all processes), from /proc/stat; 0.0 where there is none."""
+    """CPU seconds the whole machine has spent busy (all processes) or lost to the hypervisor (steal: a VM's
+    vCPU left waiting while the host runs something else), from /proc/stat; 0.0 where there is none."""
     try:
         fields = [int(x) for x in Path("/proc/stat").read_text().split("\n", 1)[0].split()[1:]]
     except (OSError, ValueError):
         return 0.0
-    return (sum(fields[:7]) - sum(fields[3:5])) / os.sysconf("SC_CLK_TCK")  # user..softirq less idle, iowait
+    # user, nice, system, irq, softirq and steal (fields 0-2, 5-7)
+    return (sum(fields[:8]) - sum(fields[3:5])) / os.sysconf("SC_CLK_TCK")
 
 
 def wait_for_idle(max_s: float, log) -> bool:
@@ -577,8 +579,14 @@ def report(results: dict, sizes: dict, lines: list):
                      f"{_agree(r.get('tokens'), ra.get('tokens')):>15}")
     busy = [(labels[k], r["other_cpu_share"]) for k, r in results.items() if r.get("other_cpu_share", 0) > BUSY_SHARE]
     if busy:
-        lines.append("note: other processes kept the CPUs busy during " + ", ".join(f"{k} ({v:.0%})" for k, v in busy)
+        lines.append("note: other processes (or the hypervisor) kept the CPUs busy during " + ", ".join(f"{k} ({v:.0%})" for k, v in busy)
                      + ": those timings are slowed by them (rerun on an idle machine)")
+    repeated = {k: r["repeats"] for k, r in results.items() if r.get("repeats")}
+    if repeated:
+        lines.append(f"medians of {len(next(iter(repeated.values())))} interleaved rounds; per round (TTFT s / "
+                     "decode tok/s):")
+        lines += [f"  {labels[k]}: " + ", ".join(f"{_f(x['ttft_s'])}/{_f(x['decode_tok_s'], '{:.2f}')}" for x in v)
+                  for k, v in repeated.items()]
     w, kv = sizes["weights_bytes"], sizes["kv_cache_bytes"]
     lines += ["", f"graph weights {w / MIB:.0f} MiB (each .data file once) + KV cache {kv / MIB:.0f} MiB "
                   f"({sizes['blocks']} blocks, C={sizes['max_cache_len']}, {sizes['kv_dtype']}) = "
@@ -646,9 +654,24 @@ def measure(runner, ctx, log) -> dict:
     other = max(0.0, busy_cpu_s() - busy0 - (time.process_time() - own0) - r.get("cpu_s", 0.0))
     r["other_cpu_s"], r["other_cpu_share"] = other, other / (span * (os.cpu_count() or 1))
     log(f"  TTFT {_f(r['ttft_s'])}s, decode {_f(r['decode_tok_s'], '{:.2f}')} tok/s, peak RSS "
-        f"{r['peak_rss_mib']:.0f} MiB, wall {r['wall_s']:.1f}s; other processes took {r['other_cpu_share']:.0%} "
-        "of the CPUs meanwhile")
+        f"{r['peak_rss_mib']:.0f} MiB, wall {r['wall_s']:.1f}s; other processes (or the hypervisor) took "
+        f"{r['other_cpu_share']:.0%} of the CPUs meanwhile")
     return r
+
+
+def combine_repeats(runs: list[dict]) -> dict:
+    """One method's result over --repeat runs: TTFT and decode tok/s are the medians, peak RSS the largest; the
+    other fields come from the run with the median decode rate."""
+    ok = sorted((r for r in runs if r.get("decode_tok_s") is not None), key=lambda r: r["decode_tok_s"])
+    if len(runs) == 1 or not ok:
+        return runs[-1]
+    out = dict(ok[(len(ok) - 1) // 2])
+    ttfts = [r["ttft_s"] for r in ok if r.get("ttft_s") is not None]
+    out |= {"ttft_s": float(np.median(ttfts)) if ttfts else None,
+            "decode_tok_s": float(np.median([r["decode_tok_s"] for r in ok])),
+            "peak_rss_mib": max(r["peak_rss_mib"] for r in ok),
+            "repeats": [{k: r.get(k) for k in ("ttft_s", "decode_tok_s", "peak_rss_mib")} for r in runs]}
+    return out
 
 
 METHODS = ("run_auto", "in_memory", "by_hand", "genai_fp32", "genai_fp16", "genai_int4")
@@ -683,8 +706,11 @@ def parse_args(argv):
     p.add_argument("--timeout", type=float, default=1800, help="seconds any one child process may take")
     p.add_argument("--wait_idle", type=float, default=120,
                    help="before each method wait up to this many seconds for idle CPUs (0: do not wait)")
+    p.add_argument("--repeat", type=int, default=1,
+                   help="rounds of all methods, interleaved; TTFT and tok/s are then the medians (this VM's speed "
+                        "drifted by ~25%% between minutes, so one round can compare a fast minute with a slow one)")
     p.add_argument("--retries", type=int, default=2,
-                   help=f"rerun a method up to this many times if other processes took more than "
+                   help=f"rerun a method up to this many times if other processes (or the hypervisor) took more than "
                         f"{BUSY_SHARE * 100:.0f}%% of the CPUs")
     p.add_argument("--runs_dir", default=str(RUN_ROOT),
                    help="where run_auto and the by-hand stages write their run folders (default runs/bench); "
@@ -710,12 +736,29 @@ def filesystem_of(path: Path) -> str:
     return fs
 
 
+# the SIMD extensions onnxruntime's CPU kernels pick their code paths by (int8/int4 results differ between them)
+CPU_FLAGS = ("avx2", "fma", "f16c", "avx512f", "avx512_vnni", "avx512_bf16", "avx_vnni", "amx_int8")
+
+
+def cpu_info() -> dict:
+    """The CPU model and which of CPU_FLAGS it has (Linux /proc/cpuinfo; empty elsewhere)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return {}
+    fields = dict(line.split(":", 1) for line in text.split("\n\n")[0].splitlines() if ":" in line)
+    fields = {k.strip(): v.strip() for k, v in fields.items()}
+    flags = set(fields.get("flags", "").split())
+    return {"model": fields.get("model name", "?"), "flags": [f for f in CPU_FLAGS if f in flags]}
+
+
 def _versions() -> dict:
     import onnxruntime
 
     v = {"python": platform.python_version(), "numpy": np.__version__, "onnxruntime": onnxruntime.__version__,
          "onnxruntime_providers": onnxruntime.get_available_providers(),
-         "cpu_count": os.cpu_count(), "machine": platform.machine(), "platform": platform.platform()}
+         "cpu_count": os.cpu_count(), "machine": platform.machine(), "platform": platform.platform(),
+         "cpu": cpu_info()}
     try:
         import onnxruntime_genai
 
@@ -799,25 +842,31 @@ def main(argv=None):
                "genai_int4": lambda c: bench_genai(c, "int4")}
     genai_missing = _genai_missing()
     code = _code_state()
-    results = {}
-    for name in METHODS:
-        if name not in methods:
-            continue
-        if name.startswith("genai") and genai_missing:
-            results[name] = {"skipped": genai_missing}
-            log(f"{name}: {genai_missing}")
-            continue
-        for attempt in range(1 + a.retries):
-            log(f"{name} ..." + (f" (again: other processes were busy, attempt {attempt + 1})" if attempt else ""))
-            if a.wait_idle > 0:
-                wait_for_idle(a.wait_idle, log)
-            r = measure(runners[name], ctx, log)
-            results[name] = r
-            if r.get("other_cpu_share", 0) <= BUSY_SHARE:
-                break
+    runs, results = {}, {}
+    for round_ in range(a.repeat):  # rounds of every method, interleaved: slow drifts of the VM hit all alike
+        if a.repeat > 1:
+            log(f"round {round_ + 1}/{a.repeat}")
+        for name in METHODS:
+            if name not in methods:
+                continue
+            if name.startswith("genai") and genai_missing:
+                results[name] = {"skipped": genai_missing}
+                if not round_:
+                    log(f"{name}: {genai_missing}")
+                continue
+            for attempt in range(1 + a.retries):
+                log(f"{name} ..." + (f" (again: other processes were busy, attempt {attempt + 1})" if attempt else ""))
+                if a.wait_idle > 0:
+                    wait_for_idle(a.wait_idle, log)
+                r = measure(runners[name], ctx, log)
+                if r.get("other_cpu_share", 0) <= BUSY_SHARE or attempt == a.retries:
+                    runs.setdefault(name, []).append(r)
+                    break
+    results |= {name: combine_repeats(method_runs) for name, method_runs in runs.items()}
     runs_fs = filesystem_of(Path(a.runs_dir))
     lines = ["", f"stagepipe benchmark: {model_path} ({sizes['layers']} layers, hidden {sizes['hidden_size']}), "
-                 f"{len(ids)}-token prompt, {a.new_tokens} new tokens, {os.cpu_count()} CPUs; run folders on "
+                 f"{len(ids)}-token prompt, {a.new_tokens} new tokens, {os.cpu_count()} CPUs "
+                 f"({cpu_info().get('model', '?')}, {' '.join(cpu_info().get('flags', []))}); run folders on "
                  f"{runs_fs} ({a.runs_dir})"]
     targets = report(results, sizes, lines)
     print("\n".join(lines), flush=True)

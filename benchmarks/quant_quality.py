@@ -85,7 +85,11 @@ def main(argv=None):
     ref, quant = all_position_logits(ref_dir, token_ids), all_position_logits(q_dir, token_ids)
     cos = (ref * quant).sum(-1) / (np.linalg.norm(ref, axis=-1) * np.linalg.norm(quant, axis=-1))
     top1 = float(np.mean(ref.argmax(-1) == quant.argmax(-1)))
+    from benchmarks.bench import cpu_info
+
+    # cpu: int8/int4 MatMulNBits quantize activations with CPU-specific kernels, so results depend on it
     result = {"model_path": str(model_path), "precision": a.precision, "tokens": a.tokens, "seed": a.seed,
+              "cpu": cpu_info(),
               "cosine_mean": float(cos.mean()), "cosine_min": float(cos.min()), "top1_agreement": top1,
               "max_abs_diff": float(np.abs(ref - quant).max()), "seconds": time.perf_counter() - t}
     print(f"{a.precision} vs fp32 logits over {a.tokens} positions of {model_path.name}: cosine mean "

@@ -23,7 +23,7 @@ import onnx
 from pipeline import __version__
 from pipeline.atomic import write_text
 from pipeline.errors import StagepipeError, cli_entry
-from pipeline.graphs import GraphShape, Precision, build_block, build_embed, build_output
+from pipeline.graphs import GRAPH_FORMAT, GraphShape, Precision, build_block, build_embed, build_output
 from pipeline.masks import graph_set
 from pipeline.model_config import load_model_config, split_layers
 from pipeline.onnx_builder import OPSET, WeightStore
@@ -279,7 +279,7 @@ def _write_onnx_dir(config, ranges, weights, model_path, out, max_input_len, max
             copied.append(name)
     files = source_files(model_path, weights)
     manifest = Manifest(
-        stagepipe_version=__version__, model=config, precision=precision, kv_dtype=kv_dtype,
+        stagepipe_version=__version__, graph_format=GRAPH_FORMAT, model=config, precision=precision, kv_dtype=kv_dtype,
         max_input_len=max_input_len, max_cache_len=max_cache_len, cache_windows=windows, mask_value=MASK_VALUE,
         opset=OPSET,
         blocks=[BlockSpec(index=i, layer_start=s, layer_end=e) for i, (s, e) in enumerate(ranges)],

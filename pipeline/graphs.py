@@ -19,6 +19,10 @@ from pipeline.model_config import ModelConfig
 from pipeline.onnx_builder import NP_TO_ONNX, GraphBuilder
 
 F32 = np.float32
+# Bump whenever the graphs or weights built for the same settings change (a new op pattern, input layout, or
+# quantizer): auto-conversion (pipeline.model_source.staleness) then rebuilds onnx_dirs made by older code.
+# 3: whole-cache block inputs, the fused RMSNorm chain, clip-searched quantization scales.
+GRAPH_FORMAT = 3
 
 
 @dataclass(frozen=True)

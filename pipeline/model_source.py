@@ -6,6 +6,7 @@ from pathlib import Path
 from pipeline.convert import convert, source_fingerprint
 from pipeline.demo_model import write_demo_checkpoint
 from pipeline.errors import StagepipeError
+from pipeline.graphs import GRAPH_FORMAT
 from pipeline.manifest_io import load_manifest
 
 DEMO_MODEL = Path("models/demo-qwen3")
@@ -20,8 +21,8 @@ def staleness(onnx_dir: Path, model_path: Path, wanted: dict) -> str | None:
     for key, value in wanted.items():
         if value is not None and getattr(manifest, key) != value:
             return f"{key} is {getattr(manifest, key)}, {value} requested"
-    if not manifest.cache_windows:
-        return "converted before cache windows (faster decode) existed"
+    if manifest.graph_format < GRAPH_FORMAT:
+        return f"graphs made by an older stagepipe (graph format {manifest.graph_format}, now {GRAPH_FORMAT})"
     if Path(manifest.source_path) != model_path.resolve():
         return f"converted from {manifest.source_path}"
     files = [model_path / name for name in manifest.source_files]

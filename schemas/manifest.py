@@ -67,6 +67,7 @@ class Manifest(BaseModel):
 
     schema_version: int = MANIFEST_SCHEMA_VERSION
     stagepipe_version: str
+    graph_format: int = 0  # pipeline.graphs.GRAPH_FORMAT of the converter that wrote it (0: before it was recorded)
     model: ModelConfig
     precision: Literal["fp32", "fp16", "int8", "int4"]  # int8/int4: weight-only quantized linear layers
     kv_dtype: Literal["float16", "float32"]

@@ -580,6 +580,39 @@ def test_reconvert_replaces_onnx_dir_atomically(tmp_path, checkpoint_path, monke
     assert sorted(p.name for p in tmp_path.iterdir()) == ["onnx"]
 
 
+def test_staleness_names_why_graphs_must_be_rebuilt(tmp_path, qwen3_tied):
+    """Auto-conversion (run_auto --model_path, bench) redoes an onnx_dir for each of these reasons, and only then."""
+    from pipeline.graphs import GRAPH_FORMAT
+    from pipeline.model_source import staleness
+
+    ckpt = tmp_path / "ckpt"
+    shutil.copytree(qwen3_tied, ckpt)
+    onnx_dir = tmp_path / "onnx"
+    convert(ckpt, onnx_dir, max_input_len=T, max_cache_len=C, log=lambda *a: None)
+    wanted = {"max_input_len": T, "max_cache_len": C, "precision": "fp32"}
+    assert staleness(onnx_dir, ckpt, wanted) is None
+    assert "max_cache_len is 64, 128 requested" == staleness(onnx_dir, ckpt, wanted | {"max_cache_len": 128})
+
+    os.utime(ckpt / "model.safetensors")  # touched, same bytes: still current (the fingerprint decides)
+    assert staleness(onnx_dir, ckpt, wanted) is None
+
+    manifest_path = onnx_dir / "manifest.json"
+    current = manifest_path.read_text()
+    old = json.loads(current) | {"graph_format": GRAPH_FORMAT - 1}
+    manifest_path.write_text(json.dumps(old))
+    assert "older stagepipe" in staleness(onnx_dir, ckpt, wanted)
+    del old["graph_format"]  # written before the field existed
+    manifest_path.write_text(json.dumps(old))
+    assert f"graph format 0, now {GRAPH_FORMAT}" in staleness(onnx_dir, ckpt, wanted)
+    manifest_path.write_text(current)
+
+    weights = CheckpointWeights(ckpt)
+    tensors = {n: weights.get(n) for n in weights.names()}
+    tensors["model.norm.weight"] = tensors["model.norm.weight"] * 2
+    save_safetensors(ckpt / "model.safetensors", tensors)
+    assert staleness(onnx_dir, ckpt, wanted) == "checkpoint content changed"
+
+
 def test_copy_weights_loads_with_onnx_package(qwen3_tied, tmp_path):
     """--copy_weights: plain files, so onnx.load with weights works (onnx >= 1.21 refuses hard-linked data)."""
     import onnx
