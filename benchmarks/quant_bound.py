@@ -1,6 +1,6 @@
 """How much weight error a checkpoint's logits tolerate, next to what any b-bit code must make.
 
-    python -m benchmarks.quant_bound [--model_path CKPT] [--tokens 64] [--errors 0.005,0.01,0.02,0.04,0.0625]
+    python -m benchmarks.quant_bound [--model_path CKPT] [--tokens 64] [--errors 0.005,0.01,0.02]
 
 The numpy reference runs one teacher-forced sequence twice: once as is, once with every matrix that int8/int4
 quantizes (the linear layers and the output head) perturbed by Gaussian noise of relative rms e
@@ -26,6 +26,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from benchmarks.quant_quality import checkpoint_for  # noqa: E402
 from pipeline.atomic import write_json  # noqa: E402
 from pipeline.errors import cli_entry  # noqa: E402
 from pipeline.reference import ReferenceModel  # noqa: E402
@@ -83,6 +84,17 @@ def quantizer_error(model: ReferenceModel, bits: int, names: list[str]) -> float
     return float(np.sqrt(err / ref))
 
 
+def error_list(text: str) -> list[float]:
+    """--errors: comma-separated relative errors >= 0."""
+    try:
+        errors = [float(e) for e in text.split(",")]
+    except ValueError:
+        errors = []
+    if not errors or min(errors) < 0:
+        raise argparse.ArgumentTypeError(f"{text!r}: give relative errors >= 0, comma-separated (0.01,0.02)")
+    return errors
+
+
 def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(-1) / (np.linalg.norm(a, axis=-1) * np.linalg.norm(b, axis=-1))
 
@@ -92,19 +104,12 @@ def main(argv=None):
     p = argparse.ArgumentParser(prog="python -m benchmarks.quant_bound", description=__doc__.split("\n")[0])
     p.add_argument("--model_path", default="", help="HF checkpoint (default: the benchmark's, written if missing)")
     p.add_argument("--tokens", type=int, default=64)
-    p.add_argument("--errors", default="0.0025,0.005,0.01,0.02,0.03125,0.0625",
+    p.add_argument("--errors", type=error_list, default="0.0025,0.0053,0.01,0.0175,0.02,0.03125,0.0625,0.087",
                    help="relative rms weight errors to try, comma-separated")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(REPO / "runs" / "bench" / "quant_bound.json"))
     a = p.parse_args(argv)
-    if a.model_path:
-        model_path = Path(a.model_path).resolve()
-    else:
-        from benchmarks.bench import BENCH_MODEL, write_bench_checkpoint
-
-        model_path = (REPO / BENCH_MODEL).resolve()
-        write_bench_checkpoint(model_path)
-    errors = [float(e) for e in a.errors.split(",")]
+    model_path = checkpoint_for(a.model_path)
     clean = NoisyReference(model_path, 0.0, a.seed)
     token_ids = np.random.default_rng(a.seed).integers(0, clean.config.vocab_size, a.tokens).tolist()
     t = time.perf_counter()
@@ -115,7 +120,7 @@ def main(argv=None):
     print("relative rms weight error of our quantizers: "
           + ", ".join(f"{k} {v:.4f}" for k, v in measured.items()), flush=True)
     rows = []
-    for error in errors:
+    for error in a.errors:
         cos = cosines(ref, sequence_logits(NoisyReference(model_path, error, a.seed), token_ids))
         rows.append({"weight_error": error, "cosine_mean": float(cos.mean()), "cosine_min": float(cos.min())})
         print(f"weight error {error:.4f}: logits cosine mean {cos.mean():.5f}, min {cos.min():.5f}", flush=True)

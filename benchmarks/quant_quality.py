@@ -24,6 +24,17 @@ from pipeline.atomic import write_json  # noqa: E402
 from pipeline.errors import cli_entry  # noqa: E402
 
 
+def checkpoint_for(model_path: str) -> Path:
+    """--model_path as given, or the benchmark's random checkpoint (written if missing)."""
+    if model_path:
+        return Path(model_path).resolve()
+    from benchmarks.bench import BENCH_MODEL, write_bench_checkpoint
+
+    path = (REPO / BENCH_MODEL).resolve()
+    write_bench_checkpoint(path)
+    return path
+
+
 def ensure_onnx(model_path: Path, precision: str, max_cache_len: int) -> Path:
     from pipeline.convert import convert
     from pipeline.model_source import staleness
@@ -68,13 +79,7 @@ def main(argv=None):
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", default=str(REPO / "runs" / "bench" / "quality.json"))
     a = p.parse_args(argv)
-    if a.model_path:
-        model_path = Path(a.model_path).resolve()
-    else:
-        from benchmarks.bench import BENCH_MODEL, write_bench_checkpoint
-
-        model_path = (REPO / BENCH_MODEL).resolve()
-        write_bench_checkpoint(model_path)
+    model_path = checkpoint_for(a.model_path)
     C = max(64, 1 << (a.tokens - 1).bit_length())
     ref_dir, q_dir = ensure_onnx(model_path, "fp32", C), ensure_onnx(model_path, a.precision, C)
     from pipeline.manifest_io import load_manifest
