@@ -579,7 +579,8 @@ def report(results: dict, sizes: dict, lines: list):
                      f"{_agree(r.get('tokens'), ra.get('tokens')):>15}")
     busy = [(labels[k], r["other_cpu_share"]) for k, r in results.items() if r.get("other_cpu_share", 0) > BUSY_SHARE]
     if busy:
-        lines.append("note: other processes (or the hypervisor) kept the CPUs busy during " + ", ".join(f"{k} ({v:.0%})" for k, v in busy)
+        lines.append("note: other processes (or the hypervisor) kept the CPUs busy during "
+                     + ", ".join(f"{k} ({v:.0%})" for k, v in busy)
                      + ": those timings are slowed by them (rerun on an idle machine)")
     repeated = {k: r["repeats"] for k, r in results.items() if r.get("repeats")}
     if repeated:
@@ -695,7 +696,8 @@ def parse_args(argv):
     p.add_argument("--cache_windows", default="auto", help="as pipeline.convert's: auto, none or 128,256,512")
     p.add_argument("--blocks", type=int, default=0, help="decoder blocks (default: the converter's, 4)")
     p.add_argument("--hand_steps", type=int, default=4, help="decode steps timed by hand (default 4)")
-    p.add_argument("--methods", default=",".join(DEFAULT_METHODS), help=f"comma-separated subset of {','.join(METHODS)}")
+    p.add_argument("--methods", default=",".join(DEFAULT_METHODS),
+                   help=f"comma-separated subset of {','.join(METHODS)}")
     p.add_argument("--provider", choices=["cpu", "cuda"], default="cpu",
                    help="onnxruntime execution provider for every method (cuda: onnxruntime-gpu and, for genai, "
                         "onnxruntime-genai-cuda)")
@@ -863,10 +865,10 @@ def main(argv=None):
                     runs.setdefault(name, []).append(r)
                     break
     results |= {name: combine_repeats(method_runs) for name, method_runs in runs.items()}
-    runs_fs = filesystem_of(Path(a.runs_dir))
+    runs_fs, cpu = filesystem_of(Path(a.runs_dir)), cpu_info()
     lines = ["", f"stagepipe benchmark: {model_path} ({sizes['layers']} layers, hidden {sizes['hidden_size']}), "
                  f"{len(ids)}-token prompt, {a.new_tokens} new tokens, {os.cpu_count()} CPUs "
-                 f"({cpu_info().get('model', '?')}, {' '.join(cpu_info().get('flags', []))}); run folders on "
+                 f"({cpu.get('model', '?')}, {' '.join(cpu.get('flags', []))}); run folders on "
                  f"{runs_fs} ({a.runs_dir})"]
     targets = report(results, sizes, lines)
     print("\n".join(lines), flush=True)

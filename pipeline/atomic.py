@@ -1,4 +1,5 @@
-"""Atomic file writes: write to a temporary sibling, then rename over the target (a killed process never leaves a half file)."""
+"""Atomic file writes: write to a temporary sibling, then rename over the target (a killed process never leaves
+a half file)."""
 from __future__ import annotations
 
 import contextlib

@@ -2,8 +2,9 @@
 
 Mask columns 0..W-1 are cache slots (slots < past_len attend), columns W..W+T-1 the step's own tokens
 (causal). W is the step's attention window: the smallest of the graphs' cache windows that holds
-past_len + q_len slots (at most C, the cache size); the block graphs see cache slots [0, W) only. Padding rows (q_len..T-1) attend only to themselves so their softmax stays finite; their outputs
-are ignored and their K/V never reach the cache.
+past_len + q_len slots (at most C, the cache size); the block graphs see cache slots [0, W) only. Padding
+rows (q_len..T-1) attend only to themselves so their softmax stays finite; their outputs are ignored and their
+K/V never reach the cache.
 """
 from __future__ import annotations
 
