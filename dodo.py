@@ -8,7 +8,7 @@ import sys
 
 from doit import create_after, task_params
 
-from pipeline.doit_support import StepReporter, TolerantMD5Checker, dep_file_for, exit_on_error
+from pipeline.run.doit_support import StepReporter, TolerantMD5Checker, dep_file_for, exit_on_error
 
 DOIT_CONFIG = {
     "default_tasks": ["run_auto"],
@@ -21,8 +21,8 @@ DOIT_CONFIG = {
 
 def task_demo_model():
     """Write the random-weight demo Qwen3 checkpoint (real Qwen tokenizer) to models/demo-qwen3."""
-    from pipeline.demo_model import write_demo_checkpoint
-    from pipeline.model_source import DEMO_MODEL
+    from pipeline.demo.checkpoint import write_demo_checkpoint
+    from pipeline.run.model_source import DEMO_MODEL
 
     return {"actions": [(write_demo_checkpoint, [DEMO_MODEL])], "uptodate": [False], "verbosity": 2}
 
@@ -84,7 +84,7 @@ RUN_PARAMS = [
 @task_params(RUN_PARAMS)
 def task_run_auto(**params):
     """Generate through the stage pipeline: one task per (step, stage); resumes and branches from saved steps."""
-    from pipeline.run_auto import open_run
+    from pipeline.run.run_auto import open_run
 
     with exit_on_error():
         run = open_run(params)

@@ -48,8 +48,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # python benchmarks/bench.py
     sys.path.insert(0, str(REPO))
 
-from pipeline.atomic import write_json  # noqa: E402
-from pipeline.errors import StagepipeError, cli_entry  # noqa: E402
+from pipeline.core.atomic import write_json  # noqa: E402
+from pipeline.core.errors import StagepipeError, cli_entry  # noqa: E402
 
 BENCH_MODEL = Path("models/bench-qwen3-0.6b")
 RUN_ROOT = Path("runs/bench")
@@ -67,7 +67,7 @@ def write_bench_checkpoint(out_dir) -> None:
     """benchmarks/convert_bench.py's random Qwen3-0.6B-shaped bf16 checkpoint, plus the Qwen3 tokenizer files
     (that checkpoint has none; run_auto tokenizes the prompt and the genai builder loads a tokenizer)."""
     from benchmarks.convert_bench import write_checkpoint
-    from pipeline.tokenizer import write_qwen3_tokenizer
+    from pipeline.runtime.tokenizer import write_qwen3_tokenizer
 
     out_dir = Path(out_dir)
     if not (out_dir / "model.safetensors").exists():
@@ -78,8 +78,8 @@ def write_bench_checkpoint(out_dir) -> None:
 
 def ensure_checkpoint(a, log) -> Path:
     if a.small:
-        from pipeline.demo_model import write_demo_checkpoint
-        from pipeline.model_source import DEMO_MODEL
+        from pipeline.demo.checkpoint import write_demo_checkpoint
+        from pipeline.run.model_source import DEMO_MODEL
 
         if write_demo_checkpoint(DEMO_MODEL):
             log(f"wrote the demo checkpoint to {DEMO_MODEL}")
@@ -211,9 +211,9 @@ def onnx_dir_for(model_path: Path, a) -> Path:
 
 
 def ensure_onnx(model_path: Path, onnx_dir: Path, a, log) -> dict:
-    from pipeline.convert import parse_cache_windows, resolve_cache_windows
-    from pipeline.manifest_io import load_manifest
-    from pipeline.model_source import staleness
+    from pipeline.convert.onnx_dir import parse_cache_windows, resolve_cache_windows
+    from pipeline.core.jsonfile import load_manifest
+    from pipeline.run.model_source import staleness
 
     windows = resolve_cache_windows(parse_cache_windows(a.cache_windows), a.max_input_len, a.max_cache_len)
     wanted = {"max_input_len": a.max_input_len, "max_cache_len": a.max_cache_len, "precision": a.precision,
@@ -238,8 +238,8 @@ def ensure_onnx(model_path: Path, onnx_dir: Path, a, log) -> dict:
 
 def model_sizes(onnx_dir: Path) -> dict:
     """Weight bytes of the graphs (each .data file once: decode/ links prefill/'s) and the run's KV cache bytes."""
-    from pipeline.kv_cache import block_shape
-    from pipeline.manifest_io import load_manifest
+    from pipeline.runtime.kv_cache import block_shape
+    from pipeline.core.jsonfile import load_manifest
 
     m = load_manifest(onnx_dir)
     data_files, graph_files = {}, 0
@@ -258,7 +258,7 @@ def model_sizes(onnx_dir: Path) -> dict:
 
 def make_prompt(onnx_dir: Path, n: int) -> tuple[str, list[int]]:
     """A plain-English prompt of exactly n tokens (the text round-trips to the same ids)."""
-    from pipeline.tokenizer import Tokenizer
+    from pipeline.runtime.tokenizer import Tokenizer
 
     tok = Tokenizer.load(onnx_dir)
     words = " ".join([PROMPT_SOURCE] * (1 + n // 40)).split()
@@ -395,7 +395,7 @@ def bench_by_hand(ctx) -> dict:
 
 def stage_hf_dir(model_path: Path) -> Path:
     """The checkpoint as the genai builder reads it: links to its files, plus Qwen3 tokenizer files if it has none."""
-    from pipeline.tokenizer import write_qwen3_tokenizer
+    from pipeline.runtime.tokenizer import write_qwen3_tokenizer
 
     src = RUN_ROOT / "genai_src" / model_path.name
     shutil.rmtree(src, ignore_errors=True)
@@ -452,9 +452,9 @@ def bench_genai(ctx, precision: str) -> dict:
 
 # -- workers (run inside the child processes) --------------------------------------------------------------------
 def worker_in_memory(spec: dict) -> dict:
-    from pipeline.backends import OnnxBackend
-    from pipeline.generate import generate
-    from pipeline.sampling import SamplingSettings
+    from pipeline.runtime.backends import OnnxBackend
+    from pipeline.runtime.generate import generate
+    from pipeline.runtime.sampling import SamplingSettings
 
     t = time.perf_counter()
     backend = OnnxBackend(Path(spec["onnx_dir"]), provider=spec.get("provider", "cpu"), threads=spec.get("threads", 0),
@@ -795,7 +795,7 @@ def _genai_missing() -> str | None:
 def main(argv=None):
     a = parse_args(argv)
     if a.kv_dtype == "auto":
-        from pipeline.convert import default_kv_dtype
+        from pipeline.convert.onnx_dir import default_kv_dtype
 
         a.kv_dtype = default_kv_dtype(a.precision)
     if a.write_checkpoint:

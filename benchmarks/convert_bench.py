@@ -28,8 +28,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from pipeline.atomic import write_json  # noqa: E402
-from pipeline.safetensors_io import save_safetensors  # noqa: E402
+from pipeline.core.atomic import write_json  # noqa: E402
+from pipeline.checkpoint.safetensors_io import save_safetensors  # noqa: E402
 
 TARGET_WALL_S = 60.0
 TARGET_RSS_MB = 1536.0  # 1.5 GB

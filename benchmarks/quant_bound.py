@@ -27,9 +27,9 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.quant_quality import checkpoint_for  # noqa: E402
-from pipeline.atomic import write_json  # noqa: E402
-from pipeline.errors import cli_entry  # noqa: E402
-from pipeline.reference import ReferenceModel  # noqa: E402
+from pipeline.core.atomic import write_json  # noqa: E402
+from pipeline.core.errors import cli_entry  # noqa: E402
+from pipeline.runtime.reference import ReferenceModel  # noqa: E402
 
 QUANTIZED_SUFFIXES = ("_proj.weight", "lm_head.weight")
 
@@ -73,7 +73,7 @@ def sequence_logits(model: ReferenceModel, token_ids: list[int]) -> np.ndarray:
 
 def quantizer_error(model: ReferenceModel, bits: int, names: list[str]) -> float:
     """Relative rms error of pipeline.quantize on these matrices (what the int8/int4 graphs carry)."""
-    from pipeline.quantize import block_size_for, dequantize_rows, quantize_rows
+    from pipeline.convert.quantize import block_size_for, dequantize_rows, quantize_rows
 
     err = ref = 0.0
     for name in names:

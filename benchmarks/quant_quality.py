@@ -20,8 +20,8 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
-from pipeline.atomic import write_json  # noqa: E402
-from pipeline.errors import cli_entry  # noqa: E402
+from pipeline.core.atomic import write_json  # noqa: E402
+from pipeline.core.errors import cli_entry  # noqa: E402
 
 
 def checkpoint_for(model_path: str) -> Path:
@@ -36,8 +36,8 @@ def checkpoint_for(model_path: str) -> Path:
 
 
 def ensure_onnx(model_path: Path, precision: str, max_cache_len: int) -> Path:
-    from pipeline.convert import convert
-    from pipeline.model_source import staleness
+    from pipeline.convert.onnx_dir import convert
+    from pipeline.run.model_source import staleness
 
     onnx_dir = REPO / "onnx" / f"quality-{model_path.name}-{precision}-C{max_cache_len}"
     wanted = {"precision": precision, "max_input_len": 16, "max_cache_len": max_cache_len}
@@ -51,9 +51,9 @@ def ensure_onnx(model_path: Path, precision: str, max_cache_len: int) -> Path:
 
 def all_position_logits(onnx_dir: Path, token_ids: list[int]) -> np.ndarray:
     """(len(token_ids), V) logits, prefill chunk by chunk (the output graph on every real row)."""
-    from pipeline.backends import OnnxBackend
-    from pipeline.generate import MemoryKVCache, prompt_chunks
-    from pipeline.masks import attention_window, step_inputs
+    from pipeline.runtime.backends import OnnxBackend
+    from pipeline.runtime.generate import MemoryKVCache, prompt_chunks
+    from pipeline.runtime.plan import attention_window, step_inputs
 
     backend = OnnxBackend(onnx_dir)
     m = backend.manifest
@@ -82,7 +82,7 @@ def main(argv=None):
     model_path = checkpoint_for(a.model_path)
     C = max(64, 1 << (a.tokens - 1).bit_length())
     ref_dir, q_dir = ensure_onnx(model_path, "fp32", C), ensure_onnx(model_path, a.precision, C)
-    from pipeline.manifest_io import load_manifest
+    from pipeline.core.jsonfile import load_manifest
 
     vocab = load_manifest(ref_dir).model.vocab_size
     token_ids = np.random.default_rng(a.seed).integers(0, vocab, a.tokens).tolist()

@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.errors import StagepipeError, cli_entry
-from pipeline.kv_cache import KVCacheDir, block_shape, open_cache_file
-from pipeline.stage_ops import block
+from pipeline.core.errors import StagepipeError, cli_entry
+from pipeline.runtime.kv_cache import KVCacheDir, block_shape, open_cache_file
+from pipeline.runtime.stage_ops import block
 from stages.common import open_backend, stage_parser, step_paths
 
 

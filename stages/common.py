@@ -5,10 +5,10 @@ import argparse
 import re
 from pathlib import Path
 
-from pipeline.backends import make_backend
-from pipeline.errors import StagepipeError
-from pipeline.manifest_io import load_manifest
-from pipeline.stage_ops import StepPaths
+from pipeline.runtime.backends import make_backend
+from pipeline.core.errors import StagepipeError
+from pipeline.core.jsonfile import load_manifest
+from pipeline.runtime.stage_ops import StepPaths
 
 
 def stage_parser(prog: str, description: str) -> argparse.ArgumentParser:

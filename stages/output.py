@@ -3,9 +3,9 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.errors import cli_entry
-from pipeline.stage_ops import load_meta, output
-from pipeline.tokenizer import load_optional_tokenizer
+from pipeline.core.errors import cli_entry
+from pipeline.runtime.stage_ops import load_meta, output
+from pipeline.runtime.tokenizer import load_optional_tokenizer
 from stages.common import open_backend, stage_parser, step_paths
 from stages.token_embed import add_sampling_args, sampling_from_args
 

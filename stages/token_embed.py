@@ -8,10 +8,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.errors import StagepipeError, cli_entry
-from pipeline.stage_ops import token_embed
-from pipeline.tensors import parse_token_ids
-from pipeline.tokenizer import Tokenizer
+from pipeline.core.errors import StagepipeError, cli_entry
+from pipeline.runtime.stage_ops import token_embed
+from pipeline.core.tensors import parse_token_ids
+from pipeline.runtime.tokenizer import Tokenizer
 from schemas.run import SamplingSettings
 from stages.common import open_backend, stage_parser, step_number, step_paths
 

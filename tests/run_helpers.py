@@ -12,8 +12,8 @@ PROMPT = "The quick brown fox jumps over the lazy dog, and then it runs far away
 
 
 def make_small_onnx(tmp: Path, kv_dtype="float32", max_input_len=8, max_cache_len=64) -> tuple[Path, Path]:
-    from pipeline.convert import convert
-    from pipeline.demo_model import write_demo_checkpoint
+    from pipeline.convert.onnx_dir import convert
+    from pipeline.demo.checkpoint import write_demo_checkpoint
 
     model = tmp / "model"
     write_demo_checkpoint(model, seed=0)

@@ -9,7 +9,7 @@ import stat
 import numpy as np
 import pytest
 
-from pipeline import atomic
+from pipeline.core import atomic
 
 
 def temp_files(folder):

@@ -6,7 +6,7 @@ import pytest
 
 from benchmarks.bench import combine_repeats
 from benchmarks.quant_bound import NoisyReference, cosines, quantizer_error, sequence_logits
-from pipeline.reference import ReferenceModel
+from pipeline.runtime.reference import ReferenceModel
 
 
 def test_combine_repeats_takes_medians_and_the_largest_memory():

@@ -19,12 +19,12 @@ import onnx
 import pytest
 import torch
 
-from pipeline.backends import OnnxBackend, ReferenceBackend
-from pipeline.convert import convert
-from pipeline.errors import StagepipeError
-from pipeline.generate import generate, prompt_chunks
-from pipeline.masks import step_inputs
-from pipeline.safetensors_io import CheckpointWeights, save_safetensors
+from pipeline.runtime.backends import OnnxBackend, ReferenceBackend
+from pipeline.convert.onnx_dir import convert
+from pipeline.core.errors import StagepipeError
+from pipeline.runtime.generate import generate, prompt_chunks
+from pipeline.runtime.plan import step_inputs
+from pipeline.checkpoint.safetensors_io import CheckpointWeights, save_safetensors
 from schemas.manifest import Manifest
 from tests.hf_oracle import (CHECKPOINT_SPECS, GREEDY_NEW_TOKENS, PROMPT_LEN, hf_greedy_generate, hf_layer_outputs,
                              prompt_ids)
@@ -265,8 +265,8 @@ def test_reference_generate_matches_transformers(name, converted, hf_greedy):
 def test_graphs_with_window_sized_cache_inputs_still_run(tmp_path, checkpoint_path, hf_greedy, monkeypatch):
     """onnx_dirs converted before block graphs took the whole cache (past_key of W slots, not C) still generate
     the same tokens: the backend passes them the window's slots."""
-    import pipeline.convert as convert_mod
-    from pipeline.graphs import GraphShape
+    import pipeline.convert.onnx_dir as convert_mod
+    from pipeline.convert.graphs import GraphShape
 
     name, real = "qwen3_tied", convert_mod._graph_sets
     monkeypatch.setattr(convert_mod, "_graph_sets", lambda *a: [(graphs, mode, GraphShape(T=shape.T, C=shape.C))
@@ -539,7 +539,7 @@ def test_refuses_existing_foreign_folder(tmp_path, checkpoint_path):
 
 
 def test_reconvert_replaces_onnx_dir_atomically(tmp_path, checkpoint_path, monkeypatch):
-    import pipeline.convert as convert_mod
+    import pipeline.convert.onnx_dir as convert_mod
 
     ckpt = checkpoint_path("qwen3_tied")
     onnx_dir = tmp_path / "onnx"
@@ -582,8 +582,8 @@ def test_reconvert_replaces_onnx_dir_atomically(tmp_path, checkpoint_path, monke
 
 def test_staleness_names_why_graphs_must_be_rebuilt(tmp_path, qwen3_tied):
     """Auto-conversion (run_auto --model_path, bench) redoes an onnx_dir for each of these reasons, and only then."""
-    from pipeline.graphs import GRAPH_FORMAT
-    from pipeline.model_source import staleness
+    from pipeline.convert.graphs import GRAPH_FORMAT
+    from pipeline.run.model_source import staleness
 
     ckpt = tmp_path / "ckpt"
     shutil.copytree(qwen3_tied, ckpt)
@@ -616,7 +616,7 @@ def test_staleness_names_why_graphs_must_be_rebuilt(tmp_path, qwen3_tied):
 def test_copy_weights_loads_with_onnx_package(qwen3_tied, tmp_path):
     """--copy_weights: plain files, so onnx.load with weights works (onnx >= 1.21 refuses hard-linked data)."""
     import onnx
-    from pipeline.convert import convert
+    from pipeline.convert.onnx_dir import convert
 
     out = tmp_path / "onnx"
     convert(qwen3_tied, out, blocks=2, max_input_len=8, max_cache_len=16, copy_weights=True, log=lambda *a: None)

@@ -6,11 +6,11 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.demo_model import SEED_KEY, main, tensor_shapes, write_demo_checkpoint
-from pipeline.errors import StagepipeError
-from pipeline.model_config import load_model_config
-from pipeline.safetensors_io import CheckpointWeights
-from pipeline.tokenizer import Tokenizer
+from pipeline.demo.checkpoint import SEED_KEY, main, tensor_shapes, write_demo_checkpoint
+from pipeline.core.errors import StagepipeError
+from pipeline.checkpoint.model_config import load_model_config
+from pipeline.checkpoint.safetensors_io import CheckpointWeights
+from pipeline.runtime.tokenizer import Tokenizer
 
 torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")

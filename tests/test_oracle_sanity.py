@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 import torch
 
-from pipeline.model_config import load_model_config
+from pipeline.checkpoint.model_config import load_model_config
 from tests.hf_oracle import (CHECKPOINT_SPECS, GREEDY_NEW_TOKENS, PROMPT_LEN, hf_greedy_generate, hf_greedy_margins,
                              hf_layer_outputs, load_hf_model, make_checkpoint, prompt_ids)
 

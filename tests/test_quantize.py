@@ -3,10 +3,10 @@ import numpy as np
 import onnx
 import pytest
 
-from pipeline.backends import OnnxBackend
-from pipeline.convert import convert
-from pipeline.generate import MemoryKVCache, forward_step
-from pipeline.quantize import dequantize_rows, quantize_rows
+from pipeline.runtime.backends import OnnxBackend
+from pipeline.convert.onnx_dir import convert
+from pipeline.runtime.generate import MemoryKVCache, forward_step
+from pipeline.convert.quantize import dequantize_rows, quantize_rows
 from tests.hf_oracle import prompt_ids
 
 

@@ -214,7 +214,7 @@ def test_second_run_on_same_folder_is_refused(small, tmp_path):
     root = tmp_path / "run"
     root.mkdir()
     holder = subprocess.Popen([sys.executable, "-c", "import sys, time; sys.path.insert(0, sys.argv[1]);"
-                               "from pipeline.run_lock import lock_run_dir; lock_run_dir(sys.argv[2]);"
+                               "from pipeline.run.lock import lock_run_dir; lock_run_dir(sys.argv[2]);"
                                "print('locked', flush=True); time.sleep(60)", str(REPO), str(root)],
                               stdout=subprocess.PIPE, text=True)
     try:

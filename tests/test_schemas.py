@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.errors import StagepipeError
-from pipeline.validation import load_model_file
+from pipeline.core.errors import StagepipeError
+from pipeline.core.jsonfile import load_model_file
 from schemas.export import SCHEMA_DIR, SCHEMAS, schema_text
 from schemas.run import StepMeta
 

@@ -6,8 +6,8 @@ import io
 import numpy as np
 import pytest
 
-from pipeline.errors import StagepipeError
-from pipeline.tensors import digest, load_tensor, parse_npy
+from pipeline.core.errors import StagepipeError
+from pipeline.core.tensors import digest, load_tensor, parse_npy
 
 ARRAYS = [np.random.default_rng(0).standard_normal((1, 1, 1024)).astype(np.float32),
           np.arange(16, dtype=np.int64).reshape(1, 16), np.full((1, 1, 4, 12), -65504, np.float16),

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.errors import StagepipeError
-from pipeline.tokenizer import (QWEN3_ADDED_TOKENS, QWEN3_CHAT_TEMPLATE, Tokenizer, build_qwen3_tokenizer_json,
+from pipeline.core.errors import StagepipeError
+from pipeline.runtime.tokenizer import (QWEN3_ADDED_TOKENS, QWEN3_CHAT_TEMPLATE, Tokenizer, build_qwen3_tokenizer_json,
                                 write_qwen3_tokenizer)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -178,7 +178,7 @@ def test_load_errors(tmp_path):
 
 
 def test_load_optional_tokenizer(tmp_path, tk_dir):
-    from pipeline.tokenizer import load_optional_tokenizer
+    from pipeline.runtime.tokenizer import load_optional_tokenizer
 
     assert load_optional_tokenizer(tmp_path) is None
     assert load_optional_tokenizer(tk_dir).encode("hi") == [6023]

@@ -19,9 +19,9 @@ import numpy as np
 import onnx
 import pytest
 
-from pipeline import compare as compare_mod
-from pipeline import inspect as inspect_mod
-from pipeline import ops as ops_mod
+from pipeline.tools import compare as compare_mod
+from pipeline.tools import inspect as inspect_mod
+from pipeline.tools import ops as ops_mod
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 5  # new tokens; 10 prompt tokens in chunks of 8 -> step folders 0..5
@@ -41,7 +41,7 @@ def copy_run(src: Path, dst: Path) -> Path:
 
 def run_in_process(onnx_dir: Path, run_root: Path, backend: str):
     """pipeline.run_auto without doit: the same task actions, in the order run_auto yields them."""
-    from pipeline.run_auto import open_run
+    from pipeline.run.run_auto import open_run
 
     run = open_run({"onnx_dir": str(onnx_dir), "run_root": str(run_root), "steps": STEPS, "ignore_eos": True,
                     "backend": backend})
@@ -52,8 +52,8 @@ def run_in_process(onnx_dir: Path, run_root: Path, backend: str):
 
 @pytest.fixture(scope="session")
 def small(tmp_path_factory):
-    from pipeline.convert import convert
-    from pipeline.demo_model import write_demo_checkpoint
+    from pipeline.convert.onnx_dir import convert
+    from pipeline.demo.checkpoint import write_demo_checkpoint
 
     tmp = tmp_path_factory.mktemp("tools")
     write_demo_checkpoint(tmp / "model", seed=0)
@@ -368,7 +368,7 @@ def test_inspect_run(small, capsys):
     assert steps[0]["next_token_id"] is None  # a prompt chunk that another chunk follows samples nothing
     assert [st["next_token_id"] for st in steps[1:]] == s["generated_token_ids"]
     assert [st["input_token_ids"] for st in steps[2:]] == [[t] for t in s["generated_token_ids"][:-1]]
-    from pipeline.tokenizer import Tokenizer
+    from pipeline.runtime.tokenizer import Tokenizer
     tok = Tokenizer.load(small["onnx_dir"])
     assert [st["next_token_text"] for st in steps[1:]] == [tok.token_text(t) for t in s["generated_token_ids"]]
     for st in steps:

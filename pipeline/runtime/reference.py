@@ -14,8 +14,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.model_config import ModelConfig, load_model_config
-from pipeline.safetensors_io import CheckpointWeights
+from pipeline.checkpoint.model_config import ModelConfig, load_model_config
+from pipeline.checkpoint.safetensors_io import CheckpointWeights
 
 
 def rms_norm(x: np.ndarray, weight: np.ndarray, eps: float) -> np.ndarray:

@@ -5,7 +5,7 @@ import fcntl
 import os
 from pathlib import Path
 
-from pipeline.errors import StagepipeError
+from pipeline.core.errors import StagepipeError
 
 _held: dict[Path, int] = {}
 

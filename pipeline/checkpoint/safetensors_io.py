@@ -11,8 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.atomic import atomic_write_path
-from pipeline.errors import StagepipeError
+from pipeline.core.atomic import atomic_write_path
+from pipeline.core.errors import StagepipeError
 
 # safetensors dtype name -> numpy dtype used to view the raw bytes (BF16 is viewed as uint16 and widened).
 _RAW_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64,

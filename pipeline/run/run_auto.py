@@ -14,18 +14,18 @@ from pathlib import Path
 from doit.exceptions import TaskFailed
 from doit.tools import config_changed
 
-from pipeline import stage_ops
-from pipeline.atomic import write_text
-from pipeline.backends import make_backend
-from pipeline.errors import StagepipeError
-from pipeline.generate import prompt_chunks
-from pipeline.kv_cache import KVCacheDir
-from pipeline.manifest_io import load_manifest
-from pipeline.run_lock import lock_run_dir
-from pipeline.sampling import check_sampling
-from pipeline.stage_ops import StepPaths, final_hidden
-from pipeline.tokenizer import Tokenizer
-from pipeline.validation import load_model_file
+from pipeline.runtime import stage_ops
+from pipeline.core.atomic import write_text
+from pipeline.runtime.backends import make_backend
+from pipeline.core.errors import StagepipeError
+from pipeline.runtime.generate import prompt_chunks
+from pipeline.runtime.kv_cache import KVCacheDir
+from pipeline.core.jsonfile import load_manifest
+from pipeline.run.lock import lock_run_dir
+from pipeline.runtime.sampling import check_sampling
+from pipeline.runtime.stage_ops import StepPaths, final_hidden
+from pipeline.runtime.tokenizer import Tokenizer
+from pipeline.core.jsonfile import load_model_file
 from schemas.run import RunSettings, RunSummary, SamplingSettings
 
 DEFAULT_PROMPT = "Give me a short introduction to large language models."
@@ -300,7 +300,7 @@ def build_summary(run: Run) -> RunSummary:
 
 def open_run(params: dict) -> Run:
     """A Run from run_auto's doit parameters (converting the model first when needed)."""
-    from pipeline.model_source import resolve_onnx_dir
+    from pipeline.run.model_source import resolve_onnx_dir
 
     onnx_dir = resolve_onnx_dir(Path(params["model_path"]) if params.get("model_path") else None,
                                 Path(params["onnx_dir"]) if params.get("onnx_dir") else None,

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.atomic import atomic_write_path, write_text
-from pipeline.errors import StagepipeError
-from pipeline.validation import load_model_file
+from pipeline.core.atomic import atomic_write_path, write_text
+from pipeline.core.errors import StagepipeError
+from pipeline.core.jsonfile import load_model_file
 from schemas.manifest import Manifest
 from schemas.run import CacheRecord
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from pydantic import BaseModel, ValidationError
 
-from pipeline.errors import StagepipeError
+from pipeline.core.errors import StagepipeError
 
 
 def load_model_file(path: Path, model: type[BaseModel]):
@@ -22,3 +22,13 @@ def load_model_file(path: Path, model: type[BaseModel]):
         raise StagepipeError(f"{path}: field '{field}': {err['msg']}{more}; fix or regenerate the file") from None
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise StagepipeError(f"{path}: cannot read ({e})") from None
+
+
+def load_manifest(onnx_dir: Path):
+    """An onnx_dir's manifest.json, validated."""
+    from schemas.manifest import Manifest
+
+    path = Path(onnx_dir) / "manifest.json"
+    if not path.exists():
+        raise StagepipeError(f"{path}: not found; convert a model first (doit convert / python -m pipeline.convert)")
+    return load_model_file(path, Manifest)

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from pipeline.model_config import ModelConfig
-from pipeline.onnx_builder import NP_TO_ONNX, GraphBuilder
+from pipeline.checkpoint.model_config import ModelConfig
+from pipeline.convert.onnx_builder import NP_TO_ONNX, GraphBuilder
 
 F32 = np.float32
 # Bump whenever the graphs or weights built for the same settings change (a new op pattern, input layout, or

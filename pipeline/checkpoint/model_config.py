@@ -4,7 +4,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.errors import StagepipeError
+from pipeline.core.errors import StagepipeError
 from schemas.manifest import ModelConfig
 
 SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM")

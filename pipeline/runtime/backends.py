@@ -12,9 +12,9 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import StagepipeError
-from pipeline.manifest_io import load_manifest
-from pipeline.masks import attention_window, graph_set, graph_set_window, hidden_dtype
+from pipeline.core.errors import StagepipeError
+from pipeline.core.jsonfile import load_manifest
+from pipeline.runtime.plan import attention_window, graph_set, graph_set_window, hidden_dtype
 from schemas.manifest import Manifest
 
 
@@ -147,7 +147,7 @@ class ReferenceBackend(Backend):
 
     def __init__(self, onnx_dir: Path, manifest: Manifest | None = None, model_path: Path | None = None):
         super().__init__(onnx_dir, manifest)
-        from pipeline.reference import ReferenceModel
+        from pipeline.runtime.reference import ReferenceModel
 
         path = Path(model_path or self.manifest.source_path)
         if not (path / "config.json").exists():

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import StagepipeError
+from pipeline.core.errors import StagepipeError
 
 
 # the header np.save writes for a C-order array of a plain dtype, e.g. {'descr': '<f4', 'fortran_order': False,

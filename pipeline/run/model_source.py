@@ -3,11 +3,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pipeline.convert import convert, source_fingerprint
-from pipeline.demo_model import write_demo_checkpoint
-from pipeline.errors import StagepipeError
-from pipeline.graphs import GRAPH_FORMAT
-from pipeline.manifest_io import load_manifest
+from pipeline.convert.onnx_dir import convert, source_fingerprint
+from pipeline.demo.checkpoint import write_demo_checkpoint
+from pipeline.core.errors import StagepipeError
+from pipeline.convert.graphs import GRAPH_FORMAT
+from pipeline.core.jsonfile import load_manifest
 
 DEMO_MODEL = Path("models/demo-qwen3")
 DEMO_ONNX = Path("onnx/demo-qwen3")

@@ -1,6 +1,6 @@
 """A small random-weight Qwen3 checkpoint in HuggingFace layout, written with numpy alone.
 
-    python -m pipeline.demo_model --out models/demo [--seed 0]
+    python -m pipeline.demo --out models/demo [--seed 0]
 
 It has the real Qwen3 vocabulary and tokenizer (so prompts and token ids are realistic) but only 4 layers of width 128,
 so every stage of the pipeline can be exercised in seconds without downloading a model. The output is random text.
@@ -20,10 +20,10 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.atomic import write_json
-from pipeline.errors import StagepipeError, cli_entry
-from pipeline.safetensors_io import read_header, save_safetensors
-from pipeline.tokenizer import write_qwen3_tokenizer
+from pipeline.core.atomic import write_json
+from pipeline.core.errors import StagepipeError, cli_entry
+from pipeline.checkpoint.safetensors_io import read_header, save_safetensors
+from pipeline.runtime.tokenizer import write_qwen3_tokenizer
 
 SEED_KEY = "stagepipe_demo_seed"
 VERSION_KEY = "stagepipe_demo_version"
@@ -205,7 +205,7 @@ def write_demo_checkpoint(out_dir, seed: int = 0) -> bool:
 
 @cli_entry
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m pipeline.demo_model",
+    parser = argparse.ArgumentParser(prog="python -m pipeline.demo",
                                      description="Write a small random-weight Qwen3 checkpoint (HF layout) for demos and tests.")
     parser.add_argument("--out", required=True, help="checkpoint folder to create")
     parser.add_argument("--seed", type=int, default=0, help="random seed for the weights (default 0)")

@@ -12,14 +12,14 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.atomic import rewrite_text, write_npy, write_text
-from pipeline.backends import Backend
-from pipeline.errors import StagepipeError
-from pipeline.kv_cache import store_slots
-from pipeline.masks import attention_window, graph_T, hidden_dtype, step_inputs, step_mode
-from pipeline.sampling import check_sampling, sample
-from pipeline.tensors import digest, parse_tensor, read_file
-from pipeline.validation import load_model_file
+from pipeline.core.atomic import rewrite_text, write_npy, write_text
+from pipeline.runtime.backends import Backend
+from pipeline.core.errors import StagepipeError
+from pipeline.runtime.kv_cache import store_slots
+from pipeline.runtime.plan import attention_window, graph_T, hidden_dtype, step_inputs, step_mode
+from pipeline.runtime.sampling import check_sampling, sample
+from pipeline.core.tensors import digest, parse_tensor, read_file
+from pipeline.core.jsonfile import load_model_file
 from schemas.run import SamplingSettings, StageRecord, StepMeta
 
 

@@ -6,10 +6,10 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.backends import Backend
-from pipeline.kv_cache import block_shape, store_slots
-from pipeline.masks import attention_window, graph_T, step_inputs, step_mode
-from pipeline.sampling import SamplingSettings, sample
+from pipeline.runtime.backends import Backend
+from pipeline.runtime.kv_cache import block_shape, store_slots
+from pipeline.runtime.plan import attention_window, graph_T, step_inputs, step_mode
+from pipeline.runtime.sampling import SamplingSettings, sample
 
 
 def prompt_chunks(token_ids: list[int], T: int) -> list[list[int]]:

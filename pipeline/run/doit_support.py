@@ -10,7 +10,7 @@ from pathlib import Path
 from doit.dependency import MD5Checker
 from doit.reporter import ConsoleReporter
 
-from pipeline.errors import StagepipeError
+from pipeline.core.errors import StagepipeError
 
 
 # doit's own options that take a value (so the value is not mistaken for a task name)

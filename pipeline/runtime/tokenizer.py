@@ -19,8 +19,8 @@ import json
 from importlib import resources
 from pathlib import Path
 
-from pipeline.atomic import write_json, write_text
-from pipeline.errors import StagepipeError
+from pipeline.core.atomic import write_json, write_text
+from pipeline.core.errors import StagepipeError
 
 # (id, content, special). "special" follows Qwen3's tokenizer: the tool-call/tool-response/think markers are ordinary
 # added tokens (kept by decode(skip_special_tokens=True)), the rest are special.
@@ -322,7 +322,7 @@ class Tokenizer:
             path = path / "tokenizer.json"
         if not path.is_file():
             raise StagepipeError(f"{path}: tokenizer.json not found; point at a checkpoint folder that has one "
-                                 "(python -m pipeline.demo_model writes one for the demo model)")
+                                 "(python -m pipeline.demo writes one for the demo model)")
         try:
             tk = HFTokenizer.from_file(str(path))
         except Exception as e:  # tokenizers raises a plain Exception for any parse problem

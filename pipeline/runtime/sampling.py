@@ -6,7 +6,7 @@ token every time, and a resumed or branched run matches an uninterrupted one.
 from __future__ import annotations
 
 import numpy as np
-from pipeline.errors import StagepipeError
+from pipeline.core.errors import StagepipeError
 from schemas.run import SamplingSettings
 
 

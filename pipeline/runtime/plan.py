@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from pipeline.errors import StagepipeError
+from pipeline.core.errors import StagepipeError
 
 
 def step_mode(past_len: int, q_len: int) -> str:

@@ -21,14 +21,14 @@ import numpy as np
 import onnx
 
 from pipeline import __version__
-from pipeline.atomic import write_text
-from pipeline.errors import StagepipeError, cli_entry
-from pipeline.graphs import GRAPH_FORMAT, GraphShape, Precision, build_block, build_embed, build_output
-from pipeline.masks import graph_set
-from pipeline.model_config import load_model_config, split_layers
-from pipeline.onnx_builder import OPSET, WeightStore
-from pipeline.quantize import block_size_for, quantize_rows
-from pipeline.safetensors_io import CheckpointWeights, bf16_bits_to_f32
+from pipeline.core.atomic import write_text
+from pipeline.core.errors import StagepipeError, cli_entry
+from pipeline.convert.graphs import GRAPH_FORMAT, GraphShape, Precision, build_block, build_embed, build_output
+from pipeline.runtime.plan import graph_set
+from pipeline.checkpoint.model_config import load_model_config, split_layers
+from pipeline.convert.onnx_builder import OPSET, WeightStore
+from pipeline.convert.quantize import block_size_for, quantize_rows
+from pipeline.checkpoint.safetensors_io import CheckpointWeights, bf16_bits_to_f32
 from schemas.manifest import BlockSpec, GraphSpec, Manifest, ModelConfig, SourceFile, TensorSpec
 
 MASK_VALUE = -10000.0  # finite: fits float16 and keeps a fully masked softmax row finite

@@ -1,0 +1,1 @@
+"""Reading HuggingFace checkpoints without torch: config.json and safetensors weights."""

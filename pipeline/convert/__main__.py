@@ -1,0 +1,3 @@
+from pipeline.convert.onnx_dir import main
+
+main()

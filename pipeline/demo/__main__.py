@@ -1,0 +1,3 @@
+from pipeline.demo.checkpoint import main
+
+main()

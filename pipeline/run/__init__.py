@@ -1,0 +1,1 @@
+"""Orchestrating runs: run_auto's doit tasks, run-folder locking, finding or converting the model."""

@@ -1,0 +1,1 @@
+"""Running the stages: step planning, backends, the KV cache, sampling, the tokenizer (no doit, no converter)."""

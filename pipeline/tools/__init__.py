@@ -1,0 +1,1 @@
+"""Looking at runs and graphs: inspect, compare, ops."""

@@ -1,0 +1,501 @@
+"""Look inside a run folder, one step folder, a kv_cache folder or a single .npy file.
+
+    python -m pipeline.inspect runs/demo                  steps table (tokens, per-stage ms) + summary.json
+    python -m pipeline.inspect runs/demo/step_0003        every .npy (shape, dtype, min/max/mean/std, NaN/Inf) + meta.json
+    python -m pipeline.inspect runs/demo/kv_cache         cache.json + per-file shape/dtype and filled slots
+    python -m pipeline.inspect PATH --json                the same as machine-readable JSON on stdout
+
+Tensors are memory-mapped and reduced in chunks, so a big logits file or cache is never loaded twice over.
+Statistics cover the whole file, padding rows included (in a prefill step only the first q_len of the T rows of
+hidden_block*/logits are real tokens); min/max/mean/std are over the finite values, NaN and Inf are counted apart.
+The helpers here (step folders, pipeline order of tensor files, token text) are shared with pipeline.compare.
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import math
+import re
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.core.errors import StagepipeError, cli_entry, stdout_may_close
+from pipeline.core.jsonfile import load_model_file
+from schemas.run import CacheRecord, RunSummary, StepMeta
+
+STEP_RE = re.compile(r"^step_(\d+)$")
+HIDDEN_RE = re.compile(r"^hidden_block(\d+)\.npy$")
+INPUT_FILES = ("input_ids.npy", "attention_mask.npy", "position_ids.npy")
+CHUNK = 1 << 22  # elements reduced at a time
+
+
+# -- shared helpers (pipeline.compare uses these too) ---------------------------------------------------------------
+def step_dirs(run_dir: Path) -> list[Path]:
+    """The run's step_NNNN folders in step order."""
+    found = [d for d in Path(run_dir).iterdir() if d.is_dir() and STEP_RE.match(d.name)]
+    return sorted(found, key=lambda d: int(STEP_RE.match(d.name).group(1)))
+
+
+def tensor_sort_key(name: str):
+    """Pipeline order: input_ids, attention_mask, position_ids, hidden_block0..N, logits, then anything else."""
+    if name in INPUT_FILES:
+        return (0, INPUT_FILES.index(name), "")
+    m = HIDDEN_RE.match(name)
+    if m:
+        return (1, int(m.group(1)), "")
+    if name == "logits.npy":
+        return (2, 0, "")
+    return (3, 0, name)
+
+
+def step_tensor_files(step_dir: Path) -> list[Path]:
+    return sorted((p for p in Path(step_dir).glob("*.npy") if p.is_file()), key=lambda p: tensor_sort_key(p.name))
+
+
+def is_step_dir(path: Path) -> bool:
+    return path.is_dir() and ((path / "meta.json").is_file() or bool(STEP_RE.match(path.name)))
+
+
+def is_run_dir(path: Path) -> bool:
+    return path.is_dir() and ((path / "run.json").is_file() or any(STEP_RE.match(p.name) for p in path.iterdir()))
+
+
+def is_kv_dir(path: Path) -> bool:
+    return path.is_dir() and ((path / "cache.json").is_file() or any(path.glob("past_key_block*.npy")))
+
+
+def classify(path: Path) -> str:
+    """'run', 'step', 'kv_cache' or 'npy'; a one-line StagepipeError for anything else."""
+    path = Path(path)
+    if not path.exists():
+        raise StagepipeError(f"{path}: not found")
+    if path.is_file():
+        if path.suffix == ".npy":
+            return "npy"
+        raise StagepipeError(f"{path}: is a file; give a run folder, a step folder, a kv_cache folder or a .npy file")
+    if is_kv_dir(path):
+        return "kv_cache"
+    if (path / "meta.json").is_file() or STEP_RE.match(path.name):
+        return "step"
+    if is_run_dir(path):
+        return "run"
+    raise StagepipeError(f"{path}: not a run folder (run.json, step_NNNN/), a step folder (meta.json) or a "
+                         "kv_cache folder (cache.json)")
+
+
+def read_json(path: Path) -> dict | None:
+    """A JSON file as a dict, None when absent; a corrupt file is a one-line error."""
+    path = Path(path)
+    if not path.is_file():
+        return None
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise StagepipeError(f"{path}: cannot read it as JSON ({e})") from None
+    if not isinstance(data, dict):
+        raise StagepipeError(f"{path}: expected a JSON object")
+    return data
+
+
+def load_step_meta(step_dir: Path) -> StepMeta | None:
+    path = Path(step_dir) / "meta.json"
+    return load_model_file(path, StepMeta) if path.is_file() else None
+
+
+def step_next_token(step_dir: Path, meta: StepMeta | None) -> int | None:
+    """The token the step sampled: next_token_id.txt (what the next step reads), else meta.json."""
+    path = Path(step_dir) / "next_token_id.txt"
+    if path.is_file():
+        try:
+            return int(path.read_text().split()[0])
+        except (OSError, ValueError, IndexError):
+            return None
+    return meta.next_token_id if meta else None
+
+
+def find_onnx_dir(run_dir: Path, settings: dict | None) -> Path | None:
+    """run.json's onnx_dir: as written (absolute or relative to the cwd), else relative to a folder above the run."""
+    if not settings or not settings.get("onnx_dir"):
+        return None
+    onnx_dir = Path(settings["onnx_dir"])
+    if onnx_dir.is_absolute() or onnx_dir.is_dir():
+        return onnx_dir if onnx_dir.is_dir() else None
+    for base in Path(run_dir).resolve().parents:
+        if (base / onnx_dir).is_dir():
+            return base / onnx_dir
+    return None
+
+
+@functools.lru_cache(maxsize=4)
+def _tokenizer(path: str, mtime_ns: int, size: int):
+    from pipeline.runtime.tokenizer import load_optional_tokenizer
+
+    return load_optional_tokenizer(path)
+
+
+def run_tokenizer(run_dir: Path, settings: dict | None = None):
+    """The tokenizer of the run's onnx_dir, or None (text columns then show '-'). Loaded once per file."""
+    settings = settings if settings is not None else read_json(Path(run_dir) / "run.json")
+    onnx_dir = find_onnx_dir(run_dir, settings)
+    path = onnx_dir / "tokenizer.json" if onnx_dir else None
+    if path is None or not path.is_file():
+        return None
+    st = path.stat()
+    try:
+        return _tokenizer(str(path.resolve()), st.st_mtime_ns, st.st_size)
+    except StagepipeError:  # a broken tokenizer.json only costs the text column
+        return None
+
+
+def token_text(tokenizer, token_id: int | None) -> str | None:
+    if tokenizer is None or token_id is None:
+        return None
+    try:
+        return tokenizer.token_text(token_id)
+    except StagepipeError:
+        return None
+
+
+def abbreviate_ids(ids: list[int], keep: int = 3) -> str:
+    if len(ids) <= keep + 1:
+        return " ".join(map(str, ids))
+    return f"{' '.join(map(str, ids[:keep - 1]))} … {ids[-1]} [{len(ids)}]"
+
+
+def fmt_num(x) -> str:
+    if x is None:
+        return "-"
+    if isinstance(x, float):
+        return f"{x:.4g}" if math.isfinite(x) else str(x)
+    return str(x)
+
+
+def format_table(headers: list[str], rows: list[list], right: set[int] = frozenset()) -> str:
+    cells = [[("-" if c is None else str(c)) for c in row] for row in rows]
+    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
+
+    def line(values):
+        out = [v.rjust(w) if i in right else v.ljust(w) for i, (v, w) in enumerate(zip(values, widths))]
+        return "  ".join(out).rstrip()
+
+    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in cells])
+
+
+def json_safe(obj):
+    """NaN/Inf floats become None so the output is strict JSON."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): json_safe(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [json_safe(v) for v in obj]
+    if isinstance(obj, np.generic):
+        return json_safe(obj.item())
+    return obj
+
+
+def dump_json(obj) -> str:
+    return json.dumps(json_safe(obj), indent=2, ensure_ascii=False, allow_nan=False)
+
+
+# -- tensors ----------------------------------------------------------------------------------------------------------
+def open_npy(path: Path) -> np.ndarray:
+    path = Path(path)
+    try:
+        try:
+            return np.load(path, mmap_mode="r", allow_pickle=False)
+        except ValueError as e:
+            if "pickle" in str(e).lower():
+                raise
+            return np.load(path, allow_pickle=False)  # e.g. an empty array cannot be memory-mapped
+    except FileNotFoundError:
+        raise StagepipeError(f"{path}: not found") from None
+    except (ValueError, OSError, EOFError) as e:
+        raise StagepipeError(f"{path}: not a readable .npy ({e})") from None
+
+
+def array_stats(arr: np.ndarray) -> dict:
+    """shape/dtype, NaN/Inf counts and min/max/mean/std of the finite values, reduced chunk by chunk."""
+    flat = arr.reshape(-1)
+    is_float = np.issubdtype(arr.dtype, np.floating)
+    nan = inf = 0
+    n, mean, m2 = 0, 0.0, 0.0
+    lo = hi = None
+    for start in range(0, flat.size, CHUNK):
+        c = np.asarray(flat[start:start + CHUNK])
+        if is_float:
+            bad_nan, bad_inf = np.isnan(c), np.isinf(c)
+            nan += int(bad_nan.sum())
+            inf += int(bad_inf.sum())
+            if nan or inf:
+                c = c[~(bad_nan | bad_inf)]
+        if c.size == 0:
+            continue
+        c = c.astype(np.float64)
+        c_min, c_max, c_mean = float(c.min()), float(c.max()), float(c.mean())
+        c_m2 = float(np.square(c - c_mean).sum())
+        lo = c_min if lo is None else min(lo, c_min)
+        hi = c_max if hi is None else max(hi, c_max)
+        total = n + c.size
+        delta = c_mean - mean
+        mean += delta * c.size / total
+        m2 += c_m2 + delta * delta * n * c.size / total
+        n = total
+    if lo is not None and (np.issubdtype(arr.dtype, np.integer) or arr.dtype == np.bool_):
+        lo, hi = int(lo), int(hi)
+    return {"shape": list(arr.shape), "dtype": str(arr.dtype), "min": lo, "max": hi,
+            "mean": mean if n else None, "std": math.sqrt(m2 / n) if n else None, "nan": nan, "inf": inf,
+            "finite_count": n, "size": int(flat.size)}
+
+
+def file_stats(path: Path) -> dict:
+    path = Path(path)
+    try:
+        stats = array_stats(open_npy(path))
+    except StagepipeError as e:
+        stats = {"error": str(e)}
+    return {"file": path.name, **stats}
+
+
+TENSOR_HEADERS = ["file", "shape", "dtype", "min", "max", "mean", "std", "nan", "inf"]
+
+
+def tensor_rows(stats: list[dict]) -> list[list]:
+    rows = []
+    for s in stats:
+        if "error" in s:
+            rows.append([s["file"], "error: " + s["error"]] + [""] * 7)
+        else:
+            rows.append([s["file"], "x".join(map(str, s["shape"])) or "scalar", s["dtype"], fmt_num(s["min"]),
+                         fmt_num(s["max"]), fmt_num(s["mean"]), fmt_num(s["std"]), s["nan"], s["inf"]])
+    return rows
+
+
+# -- run ----------------------------------------------------------------------------------------------------------
+def stage_order(names) -> list[str]:
+    def key(n):
+        m = re.match(r"^block(\d+)$", n)
+        return (0, 0) if n == "embed" else (1, int(m.group(1))) if m else (2, 0) if n == "output" else (3, n)
+
+    return sorted(set(names), key=lambda n: (key(n)[0], key(n)[1], n))
+
+
+def inspect_run(run_dir: Path) -> dict:
+    settings = read_json(run_dir / "run.json")
+    summary, summary_error = None, None
+    if (run_dir / "summary.json").is_file():
+        try:
+            summary = load_model_file(run_dir / "summary.json", RunSummary).model_dump()
+        except StagepipeError as e:
+            summary_error = str(e)
+    tokenizer = run_tokenizer(run_dir, settings)
+    steps = []
+    for d in step_dirs(run_dir):
+        try:
+            meta, problem = load_step_meta(d), None
+        except StagepipeError as e:  # show the other steps; name the broken file
+            meta, problem = None, str(e)
+        token = step_next_token(d, meta)
+        steps.append({
+            "step": int(STEP_RE.match(d.name).group(1)), "dir": d.name, "error": problem,
+            "mode": meta.mode if meta else None, "past_len": meta.past_len if meta else None,
+            "q_len": meta.q_len if meta else None, "input_token_ids": meta.input_token_ids if meta else None,
+            "next_token_id": token, "next_token_text": token_text(tokenizer, token),
+            "stages_ms": {k: r.seconds * 1000 for k, r in meta.stages.items()} if meta else {},
+            "total_ms": sum(r.seconds for r in meta.stages.values()) * 1000 if meta else None,
+            "complete": bool(meta) and "output" in meta.stages,
+        })
+    return {"kind": "run", "path": str(run_dir), "settings": settings, "tokenizer": tokenizer is not None,
+            "steps": steps, "summary": summary, "summary_error": summary_error}
+
+
+def print_run(info: dict):
+    s = info["settings"] or {}
+    print(f"run {info['path']}")
+    if s:
+        sampling = s.get("sampling") or {}
+        how = "greedy" if sampling.get("greedy", True) else ", ".join(
+            f"{k}={sampling[k]}" for k in ("temperature", "top_k", "top_p", "seed") if k in sampling)
+        print(f"  onnx_dir {s.get('onnx_dir')}  backend {s.get('backend')}  prompt {len(s.get('prompt_token_ids', []))}"
+              f" tokens  max_new_tokens {s.get('max_new_tokens')}  sampling {how}"
+              f"{'  chat' if s.get('chat') else ''}{'  ignore_eos' if s.get('ignore_eos') else ''}")
+    else:
+        print("  (no run.json)")
+    if not info["tokenizer"]:
+        print("  (no tokenizer found for the run's onnx_dir: token text not shown)")
+    stages = stage_order(k for st in info["steps"] for k in st["stages_ms"])
+    headers = ["step", "mode", "past_len", "q_len", "input ids", "next id"] + [f"{n} ms" for n in stages] + \
+              ["total ms", "next text"]
+    rows = []
+    for st in info["steps"]:
+        ids = st["input_token_ids"]
+        text = st["next_token_text"]
+        rows.append([st["dir"], st["mode"] or ("(bad meta.json)" if st["error"] else "(no meta.json)"),
+                     st["past_len"], st["q_len"],
+                     abbreviate_ids(ids) if ids is not None else None, st["next_token_id"]] +
+                    [f"{st['stages_ms'][n]:.1f}" if n in st["stages_ms"] else None for n in stages] +
+                    [f"{st['total_ms']:.1f}" if st["total_ms"] is not None else None,
+                     repr(text) if text is not None else None])
+    print()
+    if rows:
+        right = {2, 3, 5} | set(range(6, 6 + len(stages) + 1))
+        print(format_table(headers, rows, right))
+    else:
+        print("(no step folders yet)")
+    for st in info["steps"]:
+        if st["error"]:
+            print(f"problem: {st['error']}")
+    print()
+    summary = info["summary"]
+    if info.get("summary_error"):
+        print(f"summary: {info['summary_error']}")
+        return
+    if summary is None:
+        print("summary: no summary.json (the run has not finished its summary task)")
+        return
+    print("summary (summary.json):")
+    for key, value in summary.items():
+        if isinstance(value, list) and len(value) > 12:
+            value = f"{abbreviate_ids(value, keep=8)}"
+        elif isinstance(value, str):
+            value = repr(value)
+        elif isinstance(value, float):
+            value = f"{value:.4g}"
+        print(f"  {key}: {value}")
+
+
+# -- step ---------------------------------------------------------------------------------------------------------
+def inspect_step(step_dir: Path) -> dict:
+    meta_path = step_dir / "meta.json"
+    meta = load_model_file(meta_path, StepMeta).model_dump() if meta_path.is_file() else None
+    text_path = step_dir / "next_token.txt"
+    return {"kind": "step", "path": str(step_dir), "meta": meta,
+            "next_token_text": text_path.read_text(encoding="utf-8", errors="replace") if text_path.is_file() else None,
+            "tensors": [file_stats(p) for p in step_tensor_files(step_dir)]}
+
+
+def print_step(info: dict):
+    print(f"step {info['path']}")
+    meta = info["meta"]
+    if meta and meta["mode"] == "prefill" and meta["q_len"] < meta["max_input_len"]:
+        print(f"  (prefill: rows {meta['q_len']}..{meta['max_input_len'] - 1} of the (1,T,...) hidden_block*/logits "
+              "are padding; statistics include them)")
+    print()
+    if info["tensors"]:
+        print(format_table(TENSOR_HEADERS, tensor_rows(info["tensors"]), right={3, 4, 5, 6, 7, 8}))
+    else:
+        print("(no .npy files)")
+    print()
+    if meta is None:
+        print("meta.json: missing")
+        return
+    print("meta.json:")
+    for key, value in meta.items():
+        if key == "stages":
+            value = "  ".join(f"{k} {v['seconds'] * 1000:.1f}ms" for k, v in
+                              sorted(value.items(), key=lambda kv: stage_order(value).index(kv[0])))
+        elif key == "sampling":
+            value = ", ".join(f"{k}={v}" for k, v in value.items())
+        elif key == "input_token_ids":
+            value = " ".join(map(str, value))
+        print(f"  {key}: {value}")
+    if info["next_token_text"] is not None:
+        print(f"next_token.txt: {info['next_token_text']!r}")
+
+
+# -- kv cache -----------------------------------------------------------------------------------------------------
+def slot_usage(arr: np.ndarray, slot_axis: int = 3) -> dict:
+    """How many cache slots (axis 3 of (Lk,1,KV,C,D)) hold any non-zero value, read one layer at a time."""
+    if arr.ndim != 5:
+        return {"slots": None, "nonzero_slots": None, "last_nonzero_slot": None}
+    used = np.zeros(arr.shape[slot_axis], dtype=bool)
+    for layer in range(arr.shape[0]):
+        part = np.asarray(arr[layer])  # (1, KV, C, D)
+        used |= np.any(part != 0, axis=(0, 1, 3))
+    idx = np.flatnonzero(used)
+    return {"slots": int(arr.shape[slot_axis]), "nonzero_slots": int(idx.size),
+            "last_nonzero_slot": int(idx[-1]) if idx.size else None}
+
+
+def inspect_kv(kv_dir: Path) -> dict:
+    record_path = kv_dir / "cache.json"
+    record = load_model_file(record_path, CacheRecord).model_dump() if record_path.is_file() else None
+    files = []
+    names = sorted(kv_dir.glob("past_*_block*.npy"),
+                   key=lambda p: (int(re.search(r"block(\d+)", p.name).group(1)), p.name))
+    for p in names:
+        try:
+            arr = open_npy(p)
+            files.append({"file": p.name, "shape": list(arr.shape), "dtype": str(arr.dtype), **slot_usage(arr)})
+        except StagepipeError as e:
+            files.append({"file": p.name, "error": str(e)})
+    return {"kind": "kv_cache", "path": str(kv_dir), "cache": record, "files": files}
+
+
+def print_kv(info: dict):
+    print(f"kv_cache {info['path']}")
+    rec = info["cache"]
+    if rec:
+        print(f"  cache.json: max_cache_len {rec['max_cache_len']}  kv_dtype {rec['kv_dtype']}  "
+              f"onnx_fingerprint {rec['onnx_fingerprint'][:12]}…  block_shapes {rec['block_shapes']}")
+    else:
+        print("  cache.json: missing")
+    print()
+    rows = []
+    for f in info["files"]:
+        if "error" in f:
+            rows.append([f["file"], "error: " + f["error"], "", "", ""])
+            continue
+        used = "-" if f["slots"] is None else f"{f['nonzero_slots']}/{f['slots']}"
+        gap = ""
+        if f["nonzero_slots"] and f["last_nonzero_slot"] + 1 != f["nonzero_slots"]:
+            gap = " (has all-zero slots below the last used one)"
+        rows.append([f["file"], "x".join(map(str, f["shape"])), f["dtype"], used,
+                     fmt_num(f["last_nonzero_slot"]) + gap])
+    print(format_table(["file", "shape", "dtype", "non-zero slots", "last non-zero slot"], rows, right={3}))
+
+
+def inspect_path(path: Path) -> dict:
+    kind = classify(path)
+    if kind == "run":
+        return inspect_run(path)
+    if kind == "step":
+        return inspect_step(path)
+    if kind == "kv_cache":
+        return inspect_kv(path)
+    stats = file_stats(path)
+    if "error" in stats:
+        raise StagepipeError(stats["error"])
+    return {"kind": "npy", "path": str(path), "tensor": stats}
+
+
+def print_info(info: dict):
+    if info["kind"] == "run":
+        print_run(info)
+    elif info["kind"] == "step":
+        print_step(info)
+    elif info["kind"] == "kv_cache":
+        print_kv(info)
+    else:
+        print(format_table(TENSOR_HEADERS, tensor_rows([info["tensor"]]), right={3, 4, 5, 6, 7, 8}))
+
+
+@cli_entry
+def main(argv=None):
+    p = argparse.ArgumentParser(prog="python -m pipeline.inspect", description=__doc__.split("\n")[0])
+    p.add_argument("path", type=Path, help="a run folder, a step folder (RUN/step_0003), RUN/kv_cache or a .npy file")
+    p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of tables")
+    a = p.parse_args(argv)
+    info = inspect_path(a.path)
+    with stdout_may_close():
+        if a.json:
+            print(dump_json(info))
+        else:
+            print_info(info)
+    return 0
+
+
+if __name__ == "__main__":
+    main()
