@@ -48,6 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # python benchmarks/bench.py
     sys.path.insert(0, str(REPO))
 
+from pipeline.core import layout  # noqa: E402
 from pipeline.core.atomic import write_json  # noqa: E402
 from pipeline.core.errors import StagepipeError, cli_entry  # noqa: E402
 
@@ -67,7 +68,7 @@ def write_bench_checkpoint(out_dir) -> None:
     """benchmarks/convert_bench.py's random Qwen3-0.6B-shaped bf16 checkpoint, plus the Qwen3 tokenizer files
     (that checkpoint has none; run_auto tokenizes the prompt and the genai builder loads a tokenizer)."""
     from benchmarks.convert_bench import write_checkpoint
-    from pipeline.runtime.tokenizer import write_qwen3_tokenizer
+    from pipeline.demo.tokenizer_files import write_qwen3_tokenizer
 
     out_dir = Path(out_dir)
     if not (out_dir / "model.safetensors").exists():
@@ -213,7 +214,7 @@ def onnx_dir_for(model_path: Path, a) -> Path:
 def ensure_onnx(model_path: Path, onnx_dir: Path, a, log) -> dict:
     from pipeline.convert.onnx_dir import parse_cache_windows, resolve_cache_windows
     from pipeline.core.jsonfile import load_manifest
-    from pipeline.run.model_source import staleness
+    from pipeline.convert.staleness import staleness
 
     windows = resolve_cache_windows(parse_cache_windows(a.cache_windows), a.max_input_len, a.max_cache_len)
     wanted = {"max_input_len": a.max_input_len, "max_cache_len": a.max_cache_len, "precision": a.precision,
@@ -278,7 +279,9 @@ def make_prompt(onnx_dir: Path, n: int) -> tuple[str, list[int]]:
 
 # -- methods -----------------------------------------------------------------------------------------------------
 def _step_dirs(root: Path) -> list[Path]:
-    return sorted(d for d in root.glob("step_*") if d.is_dir())
+    from pipeline.core.layout import step_dirs
+
+    return step_dirs(root)
 
 
 def bench_run_auto(ctx) -> dict:
@@ -289,21 +292,21 @@ def bench_run_auto(ctx) -> dict:
            "--provider", a.provider]
     child = run_child(cmd, RUN_ROOT / "logs" / "run_auto.log", a.timeout)
     _require_ok(child, "doit run_auto")
-    s = json.loads((root / "summary.json").read_text())
+    s = json.loads((root / layout.SUMMARY_JSON).read_text())
     if s["prompt_token_ids"] != ctx["prompt_ids"]:
         raise StagepipeError(f"run_auto tokenized the prompt to {len(s['prompt_token_ids'])} other ids")
     n_chunks = -(-len(ctx["prompt_ids"]) // ctx["sizes"]["max_input_len"])
     stage_s: dict[str, list[float]] = {}
     step_s, token_times = [], []
     for d in _step_dirs(root):
-        meta = json.loads((d / "meta.json").read_text())
+        meta = json.loads((d / layout.META).read_text())
         seconds = {k: v["seconds"] for k, v in meta["stages"].items()}
         step_s.append(sum(seconds.values()))
         if int(d.name[5:]) >= n_chunks:
             for k, v in seconds.items():
                 stage_s.setdefault(k, []).append(v)
-        if (d / "next_token_id.txt").exists():
-            token_times.append((d / "next_token_id.txt").stat().st_mtime)
+        if (d / layout.NEXT_TOKEN_ID).exists():
+            token_times.append((d / layout.NEXT_TOKEN_ID).stat().st_mtime)
     decode = step_s[n_chunks:]
     steady = decode[1:]  # the first decode step is the decode graphs' first run (and creates their sessions where
     # the backend opens sessions lazily)
@@ -362,13 +365,13 @@ def bench_by_hand(ctx) -> dict:
     common = ["--onnx_dir", onnx_dir, "--provider", a.provider]
     step_walls, peak, stage_walls, tokens, cpu = [], 0.0, {}, [], 0.0
     for s in range(n_chunks + decode_steps):
-        step = root / f"step_{s:04d}"
+        step = root / layout.step_name(s)
         if s < n_chunks:
             embed = ["--past_len", s * T, "--tokens_file", ids_file]
         else:
-            embed = ["--past_len", n_prompt + s - n_chunks, "--prev_step", root / f"step_{s - 1:04d}"]
+            embed = ["--past_len", n_prompt + s - n_chunks, "--prev_step", root / layout.step_name(s - 1)]
         procs = [("embed", "token_embed", embed)]
-        procs += [(f"block{k}", "block", ["--block", k, "--kv_dir", root / "kv_cache"]) for k in range(n_blocks)]
+        procs += [(f"block{k}", "block", ["--block", k, "--kv_dir", root / layout.KV_DIR]) for k in range(n_blocks)]
         procs.append(("output", "output", []))
         wall = 0.0
         for name, module, args in procs:
@@ -381,8 +384,8 @@ def bench_by_hand(ctx) -> dict:
             if s >= n_chunks:
                 stage_walls.setdefault(name, []).append(child.wall_s)
         step_walls.append(wall)
-        if (step / "next_token_id.txt").exists():
-            tokens.append(int((step / "next_token_id.txt").read_text().split()[0]))
+        if (step / layout.NEXT_TOKEN_ID).exists():
+            tokens.append(layout.read_token_file(step / layout.NEXT_TOKEN_ID))
     decode_wall = sum(step_walls[n_chunks:])
     return {"ttft_s": sum(step_walls[:n_chunks]), "decode_tok_s": decode_steps / decode_wall if decode_wall else None,
             "peak_rss_mib": peak, "wall_s": sum(step_walls), "cpu_s": cpu, "tokens": tokens,
@@ -395,7 +398,7 @@ def bench_by_hand(ctx) -> dict:
 
 def stage_hf_dir(model_path: Path) -> Path:
     """The checkpoint as the genai builder reads it: links to its files, plus Qwen3 tokenizer files if it has none."""
-    from pipeline.runtime.tokenizer import write_qwen3_tokenizer
+    from pipeline.demo.tokenizer_files import write_qwen3_tokenizer
 
     src = RUN_ROOT / "genai_src" / model_path.name
     shutil.rmtree(src, ignore_errors=True)

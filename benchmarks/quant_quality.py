@@ -37,7 +37,7 @@ def checkpoint_for(model_path: str) -> Path:
 
 def ensure_onnx(model_path: Path, precision: str, max_cache_len: int) -> Path:
     from pipeline.convert.onnx_dir import convert
-    from pipeline.run.model_source import staleness
+    from pipeline.convert.staleness import staleness
 
     onnx_dir = REPO / "onnx" / f"quality-{model_path.name}-{precision}-C{max_cache_len}"
     wanted = {"precision": precision, "max_input_len": 16, "max_cache_len": max_cache_len}
@@ -52,20 +52,12 @@ def ensure_onnx(model_path: Path, precision: str, max_cache_len: int) -> Path:
 def all_position_logits(onnx_dir: Path, token_ids: list[int]) -> np.ndarray:
     """(len(token_ids), V) logits, prefill chunk by chunk (the output graph on every real row)."""
     from pipeline.runtime.backends import OnnxBackend
-    from pipeline.runtime.generate import MemoryKVCache, prompt_chunks
-    from pipeline.runtime.plan import attention_window, step_inputs
+    from pipeline.runtime.generate import MemoryKVCache, forward_step, prompt_chunks
 
     backend = OnnxBackend(onnx_dir)
-    m = backend.manifest
-    cache, past_len, rows = MemoryKVCache(m), 0, []
-    for chunk in prompt_chunks(token_ids, m.max_input_len):
-        window = attention_window(m, past_len, len(chunk))
-        ids, mask, positions = step_inputs(chunk, past_len, m.max_input_len, window, m.mask_value)
-        hidden = backend.embed(ids)
-        for k in range(len(m.blocks)):
-            hidden, present_key, present_value = backend.block(k, hidden, mask, positions, *cache.past(k))
-            cache.store(k, past_len, len(chunk), present_key, present_value)
-        rows.append(backend.output(hidden)[0, :len(chunk)])
+    cache, past_len, rows = MemoryKVCache(backend.manifest), 0, []
+    for chunk in prompt_chunks(token_ids, backend.manifest.max_input_len):
+        rows.append(forward_step(backend, cache, chunk, past_len, all_rows=True))
         past_len += len(chunk)
     return np.concatenate(rows)
 

@@ -2,13 +2,12 @@
 from __future__ import annotations
 
 import argparse
-import re
 from pathlib import Path
 
 from pipeline.runtime.backends import make_backend
 from pipeline.core.errors import StagepipeError
+from pipeline.core.layout import StepPaths
 from pipeline.core.jsonfile import load_manifest
-from pipeline.runtime.stage_ops import StepPaths
 
 
 def stage_parser(prog: str, description: str) -> argparse.ArgumentParser:
@@ -43,5 +42,7 @@ def step_paths(args, **extra) -> StepPaths:
 
 
 def step_number(step_dir: Path) -> int:
-    match = re.search(r"(\d+)$", Path(step_dir).name)
-    return int(match.group(1)) if match else 0
+    """The step number a folder's name gives (step_0003 -> 3); 0 for other names (pass --step)."""
+    from pipeline.core.layout import step_number as number_of
+
+    return number_of(Path(step_dir).name) or 0

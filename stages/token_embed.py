@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.core.errors import StagepipeError, cli_entry
+from pipeline.core.layout import NEXT_TOKEN_ID, step_name
 from pipeline.runtime.stage_ops import token_embed
 from pipeline.core.tensors import parse_token_ids
 from pipeline.runtime.tokenizer import Tokenizer
@@ -70,7 +71,7 @@ def main(argv=None):
             raise StagepipeError("--prompt is empty; give some text")
         ids = Tokenizer.load(a.onnx_dir).encode(text)
     else:
-        ids = parse_token_ids(a.prev_step / "next_token_id.txt" if a.prev_step else (a.tokens_file or a.init_tokens))
+        ids = parse_token_ids(a.prev_step / NEXT_TOKEN_ID if a.prev_step else (a.tokens_file or a.init_tokens))
     if a.prompt is not None or (a.tokens_file or a.init_tokens) and len(ids) > 1:
         # a whole prompt: this step takes the tokens from past_len on, at most max_input_len of them
         if a.past_len >= len(ids):
@@ -85,7 +86,7 @@ def main(argv=None):
     step = a.step if a.step is not None else step_number(a.step_dir)
     prev = a.after_step or a.prev_step
     if prev is None and a.past_len > 0:  # by convention the previous step is the sibling step_{N-1}
-        prev = a.step_dir.parent / f"step_{step - 1:04d}"
+        prev = a.step_dir.parent / step_name(step - 1)
         if step < 1 or not prev.is_dir():
             raise StagepipeError(f"--past_len {a.past_len} > 0: give --after_step (the step before this one); "
                                  f"{prev} is not there")

@@ -269,7 +269,7 @@ def test_graphs_with_window_sized_cache_inputs_still_run(tmp_path, checkpoint_pa
     from pipeline.convert.graphs import GraphShape
 
     name, real = "qwen3_tied", convert_mod._graph_sets
-    monkeypatch.setattr(convert_mod, "_graph_sets", lambda *a: [(graphs, mode, GraphShape(T=shape.T, C=shape.C))
+    monkeypatch.setattr(convert_mod, "_graph_sets", lambda *a: [(graphs, mode, GraphShape(T=shape.T, W=shape.W))
                                                                for graphs, mode, shape in real(*a)])
     old = tmp_path / "old"
     convert(checkpoint_path(name), old, max_input_len=T, max_cache_len=C, log=lambda *a: None, **SPLITS[name])
@@ -583,7 +583,7 @@ def test_reconvert_replaces_onnx_dir_atomically(tmp_path, checkpoint_path, monke
 def test_staleness_names_why_graphs_must_be_rebuilt(tmp_path, qwen3_tied):
     """Auto-conversion (run_auto --model_path, bench) redoes an onnx_dir for each of these reasons, and only then."""
     from pipeline.convert.graphs import GRAPH_FORMAT
-    from pipeline.run.model_source import staleness
+    from pipeline.convert.staleness import staleness
 
     ckpt = tmp_path / "ckpt"
     shutil.copytree(qwen3_tied, ckpt)

@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 
 from pipeline.core.errors import StagepipeError
-from pipeline.runtime.tokenizer import (QWEN3_ADDED_TOKENS, QWEN3_CHAT_TEMPLATE, Tokenizer, build_qwen3_tokenizer_json,
+from pipeline.runtime.tokenizer import Tokenizer
+from pipeline.demo.tokenizer_files import (QWEN3_ADDED_TOKENS, QWEN3_CHAT_TEMPLATE, build_qwen3_tokenizer_json,
                                 write_qwen3_tokenizer)
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

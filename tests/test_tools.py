@@ -19,6 +19,7 @@ import numpy as np
 import onnx
 import pytest
 
+from pipeline.core.jsonfile import load_manifest
 from pipeline.tools import compare as compare_mod
 from pipeline.tools import inspect as inspect_mod
 from pipeline.tools import ops as ops_mod
@@ -41,11 +42,14 @@ def copy_run(src: Path, dst: Path) -> Path:
 
 def run_in_process(onnx_dir: Path, run_root: Path, backend: str):
     """pipeline.run_auto without doit: the same task actions, in the order run_auto yields them."""
-    from pipeline.run.run_auto import open_run
+    from pipeline.run.doit_support import Guard
+    from pipeline.run.main import open_run
+    from pipeline.run.options import RunOptions
 
-    run = open_run({"onnx_dir": str(onnx_dir), "run_root": str(run_root), "steps": STEPS, "ignore_eos": True,
-                    "backend": backend})
-    for task in run.tasks():
+    run = open_run(RunOptions(onnx_dir=str(onnx_dir), run_root=str(run_root), steps=STEPS, ignore_eos=True,
+                              backend=backend))
+    run.prepare()
+    for task in run.tasks(Guard()):
         for action, args, kwargs in task["actions"]:
             assert action(*args, **kwargs) is None, task["name"]
 
@@ -236,8 +240,12 @@ def test_ops_reports_exactly_the_ops_in_the_graphs(small, capsys):
     code, r = _ops_json(capsys, onnx_dir)
     assert code == 0 and r["ok"]
     labels = [g["graph"] for g in r["graphs"]]
+    # every graph the manifest lists: the whole-cache sets, then each attention window's block graphs
+    windows = sorted(load_manifest(onnx_dir).cache_windows, reverse=True)[1:]
     assert labels == [f"{mode}/{stage}" for mode in ("prefill", "decode")
-                      for stage in ("embed", "block0", "block1", "output")]
+                      for stage in ("embed", "block0", "block1", "output")] + \
+        [f"{mode}/block{k}_c{w}" for w in windows for mode in ("prefill", "decode") for k in (0, 1)]
+    assert len(windows) >= 2
     union = Counter()
     for g in r["graphs"]:
         model = onnx.load(g["file"], load_external_data=False)
@@ -307,8 +315,9 @@ def test_ops_flags_dynamic_dims_domains_and_allow_list(small, tmp_path, capsys):
         n = g["ops"].get("Softmax", 0)  # one per layer: 2 layers per block
         assert g["disallowed_ops"] == ({"Softmax": n} if n else {})
         assert (f"NOT ALLOWED: Softmax ({n})" in proc.stdout) == bool(n)
-    assert {g["graph"] for g in r2["graphs"] if g["disallowed_ops"]} == {
-        "prefill/block0", "prefill/block1", "decode/block0", "decode/block1"}
+    flagged = {g["graph"] for g in r2["graphs"] if g["disallowed_ops"]}
+    assert flagged == {g["graph"] for g in r2["graphs"] if "/block" in g["graph"]}
+    assert {"prefill/block0", "prefill/block1", "decode/block0", "decode/block1"} < flagged
     with allow.open("a") as f:
         f.write("ai.onnx:Softmax\n")  # the domain:Op form
     assert ops_mod.main([str(onnx_dir), "--allow", str(allow)]) == 0

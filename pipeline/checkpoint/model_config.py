@@ -88,23 +88,3 @@ def load_model_config(model_dir: Path) -> ModelConfig:
     if heads % kv_heads:
         raise StagepipeError(f"{where}: num_attention_heads {heads} is not a multiple of num_key_value_heads {kv_heads}")
     return config
-
-
-def split_layers(num_layers: int, blocks: int | None = None, layer_split: list[int] | None = None) -> list[tuple[int, int]]:
-    """Layer ranges [(start, end), ...] per block: an explicit split, or `blocks` as even as possible."""
-    if layer_split:
-        if any(n <= 0 for n in layer_split) or sum(layer_split) != num_layers:
-            raise StagepipeError(f"--layer_split {','.join(map(str, layer_split))} must be positive numbers summing to "
-                                 f"the model's {num_layers} layers")
-        sizes = list(layer_split)
-    else:
-        blocks = blocks or 4
-        if not 1 <= blocks <= num_layers:
-            raise StagepipeError(f"--blocks {blocks} must be between 1 and the model's {num_layers} layers")
-        base, extra = divmod(num_layers, blocks)
-        sizes = [base + (1 if i < extra else 0) for i in range(blocks)]
-    ranges, start = [], 0
-    for n in sizes:
-        ranges.append((start, start + n))
-        start += n
-    return ranges

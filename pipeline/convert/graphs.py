@@ -1,8 +1,9 @@
 """The three stage graphs (embed, block, output) with static shapes, built op by op.
 
-Contracts (batch 1, T = tokens per step, C = cache slots, H hidden, D head_dim, KV kv heads, V vocab):
+Contracts (batch 1, T = tokens per step, C = cache slots, W = the graph's attention window <= C, H hidden,
+D head_dim, KV kv heads, V vocab):
   embed : input_ids int64 (1,T)                                     -> hidden_states (1,T,H)
-  blockK: hidden_states (1,T,H), attention_mask f32 (1,1,T,C+T),
+  blockK: hidden_states (1,T,H), attention_mask f32 (1,1,T,W+T),
           position_ids int64 (1,T), past_key/past_value (Lk,1,KV,C,D) -> hidden_states_out (1,T,H),
                                                                        present_key/present_value (Lk,1,KV,T,D)
   output: hidden_states (1,T,H)                                     -> logits f32 (1,T,V)
@@ -28,12 +29,12 @@ GRAPH_FORMAT = 3
 @dataclass(frozen=True)
 class GraphShape:
     T: int  # tokens per step
-    C: int  # KV cache slots a step attends to (the attention window)
-    cache_len: int = 0  # slots of the past_key/past_value inputs: the whole cache (0: C)
+    W: int  # attention window: the cache slots [0, W) a step attends to
+    C: int = 0  # slots of the past_key/past_value inputs: the whole cache (0: W, the layout before stagepipe 3)
 
     @property
     def cache_slots(self) -> int:
-        return self.cache_len or self.C
+        return self.C or self.W
 
 
 @dataclass(frozen=True)
@@ -124,13 +125,13 @@ def build_output(config: ModelConfig, precision: Precision, shape: GraphShape, w
 def build_block(config: ModelConfig, precision: Precision, shape: GraphShape, layers: range, weight_lookup):
     s = StageGraph(f"block_{layers.start}_{layers.stop}", config, precision, weight_lookup)
     g, c = s.g, config
-    T, C, H, D, KV = shape.T, shape.C, c.hidden_size, c.head_dim, c.num_key_value_heads
+    T, W, H, D, KV = shape.T, shape.W, c.hidden_size, c.head_dim, c.num_key_value_heads
     Lk = len(layers)
     hidden = g.input("hidden_states", precision.compute, (1, T, H))
-    mask = g.input("attention_mask", F32, (1, 1, T, C + T))
+    mask = g.input("attention_mask", F32, (1, 1, T, W + T))
     positions = g.input("position_ids", np.int64, (1, T))
     # the whole cache comes in (the caller passes its buffer as it is, no copy) and each layer slices its
-    # first C slots: for a smaller window that slice is the one copy of the cache a step makes
+    # first W slots: for a smaller window that slice is the one copy of the cache a step makes
     past_key = g.input("past_key", precision.kv, (Lk, 1, KV, shape.cache_slots, D))
     past_value = g.input("past_value", precision.kv, (Lk, 1, KV, shape.cache_slots, D))
 
@@ -141,9 +142,9 @@ def build_block(config: ModelConfig, precision: Precision, shape: GraphShape, la
 
     present_keys, present_values = [], []
     for i, layer in enumerate(layers):
-        past_k = _cache_layer(s, past_key, i, KV, C, D)
-        past_v = _cache_layer(s, past_value, i, KV, C, D)
-        x, k, v = _decoder_layer(s, f"model.layers.{layer}", x, mask, cos, sin_signed, past_k, past_v, T, C)
+        past_k = _cache_layer(s, past_key, i, KV, W, D)
+        past_v = _cache_layer(s, past_value, i, KV, W, D)
+        x, k, v = _decoder_layer(s, f"model.layers.{layer}", x, mask, cos, sin_signed, past_k, past_v, T, W)
         present_keys.append(g.op("Reshape", s.from_f32(k, precision.kv), g.const([1, 1, KV, T, D])))
         present_values.append(g.op("Reshape", s.from_f32(v, precision.kv), g.const([1, 1, KV, T, D])))
 
@@ -176,11 +177,11 @@ def _rope(s: StageGraph, x: str, cos: str, sin_signed: str, D: int) -> str:
     return g.op("Add", g.op("Mul", x, cos), g.op("Mul", swapped, sin_signed))
 
 
-def _cache_layer(s: StageGraph, past: str, i: int, KV: int, C: int, D: int) -> str:
-    """Slots [0, C) of layer i of a (Lk,1,KV,slots,D) cache input, as float32 (KV,C,D)."""
+def _cache_layer(s: StageGraph, past: str, i: int, KV: int, W: int, D: int) -> str:
+    """Slots [0, W) of layer i of a (Lk,1,KV,C,D) cache input, as float32 (KV,W,D)."""
     g = s.g
-    layer = g.op("Slice", past, g.const([i, 0]), g.const([i + 1, C]), g.const([0, 3]))
-    layer = g.op("Reshape", layer, g.const([KV, C, D]))
+    layer = g.op("Slice", past, g.const([i, 0]), g.const([i + 1, W]), g.const([0, 3]))
+    layer = g.op("Reshape", layer, g.const([KV, W, D]))
     return s.cast(layer, F32) if s.p.kv != np.float32 else layer
 
 
@@ -190,7 +191,7 @@ def _heads(s: StageGraph, x: str, T: int, n_heads: int, D: int) -> str:
     return g.op("Transpose", g.op("Reshape", x, g.const([T, n_heads, D])), perm=[1, 0, 2])
 
 
-def _decoder_layer(s: StageGraph, p: str, x, mask, cos, sin_signed, past_k, past_v, T: int, C: int):
+def _decoder_layer(s: StageGraph, p: str, x, mask, cos, sin_signed, past_k, past_v, T: int, W: int):
     g, c = s.g, s.c
     D, KV, G, Hq = c.head_dim, c.num_key_value_heads, c.group_size, c.num_attention_heads
 
@@ -204,15 +205,15 @@ def _decoder_layer(s: StageGraph, p: str, x, mask, cos, sin_signed, past_k, past
     q, k = _rope(s, q, cos, sin_signed, D), _rope(s, k, cos, sin_signed, D)
 
     # Grouped-query attention without repeating K/V: query head h uses kv head h // G, so the Hq query heads
-    # regroup as (KV, G*T) rows. Scores against the cache and against the step's own keys are computed apart
-    # and only the small score rows are joined, so the (KV, C, D) cache is never copied.
+    # regroup as (KV, G*T) rows. Scores against the window's cache slots and against the step's own keys are computed apart
+    # and only the small score rows are joined, so the (KV, W, D) cache slots are never copied.
     q_grouped = g.op("Reshape", q, g.const([KV, G * T, D]))
-    scores_past = g.op("MatMul", q_grouped, g.op("Transpose", past_k, perm=[0, 2, 1]))  # (KV, G*T, C)
+    scores_past = g.op("MatMul", q_grouped, g.op("Transpose", past_k, perm=[0, 2, 1]))  # (KV, G*T, W)
     scores_new = g.op("MatMul", q_grouped, g.op("Transpose", k, perm=[0, 2, 1]))  # (KV, G*T, T)
     scores = g.op("Mul", g.op("Concat", scores_past, scores_new, axis=-1), g.const(1.0 / np.sqrt(D), F32))
-    scores = g.op("Add", g.op("Reshape", scores, g.const([KV, G, T, C + T])), mask)
-    probs = g.op("Reshape", g.op("Softmax", scores, axis=-1), g.const([KV, G * T, C + T]))
-    probs_past, probs_new = g.op("Split", probs, g.const([C, T]), axis=-1, n_out=2)
+    scores = g.op("Add", g.op("Reshape", scores, g.const([KV, G, T, W + T])), mask)
+    probs = g.op("Reshape", g.op("Softmax", scores, axis=-1), g.const([KV, G * T, W + T]))
+    probs_past, probs_new = g.op("Split", probs, g.const([W, T]), axis=-1, n_out=2)
     attn = g.op("Add", g.op("MatMul", probs_past, past_v), g.op("MatMul", probs_new, v))  # (KV, G*T, D)
     attn = g.op("Reshape", attn, g.const([Hq, T, D]))
     attn = g.op("Reshape", g.op("Transpose", attn, perm=[1, 0, 2]), g.const([T, Hq * D]))

@@ -28,7 +28,9 @@ def load_manifest(onnx_dir: Path):
     """An onnx_dir's manifest.json, validated."""
     from schemas.manifest import Manifest
 
-    path = Path(onnx_dir) / "manifest.json"
+    from pipeline.core.layout import MANIFEST
+
+    path = Path(onnx_dir) / MANIFEST
     if not path.exists():
         raise StagepipeError(f"{path}: not found; convert a model first (doit convert / python -m pipeline.convert)")
     return load_model_file(path, Manifest)

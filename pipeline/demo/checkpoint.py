@@ -23,7 +23,7 @@ import numpy as np
 from pipeline.core.atomic import write_json
 from pipeline.core.errors import StagepipeError, cli_entry
 from pipeline.checkpoint.safetensors_io import read_header, save_safetensors
-from pipeline.runtime.tokenizer import write_qwen3_tokenizer
+from pipeline.demo.tokenizer_files import write_qwen3_tokenizer
 
 SEED_KEY = "stagepipe_demo_seed"
 VERSION_KEY = "stagepipe_demo_version"

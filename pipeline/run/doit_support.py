@@ -1,45 +1,17 @@
-"""Small adapters between stagepipe and doit: where the dependency record lives, a quiet reporter, and a
-file checker that lets the steps after an end-of-sequence stop stand without their inputs."""
+"""doit as run_auto's engine: the per-run task graph executes through doit's API with its record inside the run
+folder, so runs side by side never share state and nothing parses doit's command line."""
 from __future__ import annotations
 
-import contextlib
 import os
-import sys
-from pathlib import Path
 
+from doit.cmd_base import ModuleTaskLoader
 from doit.dependency import MD5Checker
+from doit.doit_cmd import DoitMain
+from doit.exceptions import TaskFailed
 from doit.reporter import ConsoleReporter
 
+from pipeline.core import layout
 from pipeline.core.errors import StagepipeError
-
-
-# doit's own options that take a value (so the value is not mistaken for a task name)
-_DOIT_VALUE_OPTIONS = {"-f", "--file", "-d", "--dir", "--db-file", "--backend", "--check_file_uptodate", "-k",
-                       "--seek-file", "-n", "--process", "-P", "--parallel-type", "-r", "--reporter",
-                       "--output-file", "-o", "--verbosity", "-v", "--failure-verbosity"}
-
-
-def dep_file_for(argv: list[str]) -> str:
-    """doit's record of what is up to date: inside the run folder for run_auto, so runs never mix."""
-    args, tasks = argv[1:], []
-    skip = False
-    for a in args:
-        if skip:
-            skip = False
-        elif a in _DOIT_VALUE_OPTIONS:
-            skip = True
-        elif not a.startswith("-"):
-            tasks.append(a)
-    if "run_auto" not in tasks and any(t not in ("run",) for t in tasks):
-        return ".doit.db"
-    run_root = "runs/demo"
-    for i, a in enumerate(args):
-        if a == "--run_root" and i + 1 < len(args):
-            run_root = args[i + 1]
-        elif a.startswith("--run_root="):
-            run_root = a.split("=", 1)[1]
-    Path(run_root).mkdir(parents=True, exist_ok=True)
-    return os.path.join(run_root, ".doit.db")
 
 
 class TolerantMD5Checker(MD5Checker):
@@ -52,21 +24,19 @@ class TolerantMD5Checker(MD5Checker):
         return super().get_state(dep, current_state)
 
 
-class StepReporter(ConsoleReporter):
-    """doit's console reporter, minus a line per run_auto sub-task (the text streams instead) and with failures as one line."""
+class QuietReporter(ConsoleReporter):
+    """doit's console reporter without a line per task (each command prints its own output, and JSON output
+    stays pure JSON) and with each failure as one line."""
 
     def execute_task(self, task):
-        if not task.name.startswith("run_auto:"):
-            super().execute_task(task)
+        pass
 
     def skip_uptodate(self, task):
-        if not task.name.startswith("run_auto:"):
-            super().skip_uptodate(task)
+        pass
 
     def add_failure(self, task, fail):
         message = fail.get_msg().strip().splitlines()
-        self.outstream.write(f"\nerror: {message[-1] if message else fail}\n  (task {task.name}; rerun the same "
-                             "command to resume once fixed)\n")
+        self.outstream.write(f"\nerror: {message[-1] if message else fail}\n")
         self.failures.append({"task": task, "exception": fail})
 
     def complete_run(self):
@@ -74,11 +44,34 @@ class StepReporter(ConsoleReporter):
         super().complete_run()
 
 
-@contextlib.contextmanager
-def exit_on_error():
-    """For code that runs while doit loads tasks: a user error prints one line and exits 2."""
-    try:
-        yield
-    except StagepipeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        sys.exit(2)
+class Guard:
+    """Makes doit python-actions that turn StagepipeError into a one-line task failure instead of a traceback,
+    and remembers that the failure was the user's input (exit code 2), not a bug."""
+
+    def __init__(self):
+        self.input_error = False
+
+    def __call__(self, fn, *args):
+        def action():
+            try:
+                fn(*args)
+            except StagepipeError as e:
+                self.input_error = True
+                return TaskFailed(str(e))
+
+        action.__name__ = getattr(fn, "__name__", "action")
+        return (action, [], {})
+
+
+def run_task_graph(run) -> int:
+    """Execute run.tasks() with doit, the record in the run folder. -> 0, 2 (bad input) or 1 (a task failed)."""
+    guard = Guard()
+
+    def task_run_auto():
+        yield from run.tasks(guard)
+
+    config = {"dep_file": str(run.dir / layout.DOIT_DB), "backend": "json", "reporter": QuietReporter,
+              "check_file_uptodate": TolerantMD5Checker, "verbosity": 2}
+    code = DoitMain(ModuleTaskLoader({"task_run_auto": task_run_auto, "DOIT_CONFIG": config}),
+                    config_filenames=()).run([])
+    return 0 if code == 0 else (2 if guard.input_error else 1)

@@ -6,6 +6,7 @@ import os
 from pathlib import Path
 
 from pipeline.core.errors import StagepipeError
+from pipeline.core.layout import LOCK_FILE
 
 _held: dict[Path, int] = {}
 
@@ -15,7 +16,7 @@ def lock_run_dir(run_dir: Path):
     if run_dir in _held:
         return
     run_dir.mkdir(parents=True, exist_ok=True)
-    path = run_dir / ".lock"
+    path = run_dir / LOCK_FILE
     fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)

@@ -14,7 +14,8 @@ import numpy as np
 
 from pipeline.core.errors import StagepipeError
 from pipeline.core.jsonfile import load_manifest
-from pipeline.runtime.plan import attention_window, graph_set, graph_set_window, hidden_dtype
+from pipeline.core.layout import graph_set, graph_set_window
+from pipeline.runtime.plan import hidden_dtype, window_for
 from schemas.manifest import Manifest
 
 
@@ -81,7 +82,7 @@ class OnnxBackend(Backend):
         so that step timings measure compute only. Block graphs of larger windows are left to first use: each
         session costs memory (int8/int4 ones a packed copy of the weights)."""
         m = self.manifest
-        largest = attention_window(m, 0, min(max_tokens, m.max_cache_len)) if max_tokens else m.max_cache_len
+        largest = window_for(m, min(max_tokens, m.max_cache_len)) if max_tokens else m.max_cache_len
         for graphs, stages in m.graphs.items():
             window = graph_set_window(graphs, m.max_cache_len)
             for stage in stages:

@@ -8,7 +8,7 @@ import numpy as np
 
 from pipeline.runtime.backends import Backend
 from pipeline.runtime.kv_cache import block_shape, store_slots
-from pipeline.runtime.plan import attention_window, graph_T, step_inputs, step_mode
+from pipeline.runtime.plan import plan_inputs, plan_step
 from pipeline.runtime.sampling import SamplingSettings, sample
 
 
@@ -33,16 +33,17 @@ class MemoryKVCache:
         store_slots(self.values[k], past_len, q_len, present_value)
 
 
-def forward_step(backend: Backend, cache, token_ids: list[int], past_len: int) -> np.ndarray:
-    """Run embed -> blocks -> output for one step; returns the logits row of the last real token."""
+def forward_step(backend: Backend, cache, token_ids: list[int], past_len: int, all_rows: bool = False) -> np.ndarray:
+    """Run embed -> blocks -> output for one step; returns the logits row of the last real token, or with
+    all_rows=True the (q_len, V) logits of every real token (teacher forcing: perplexity, quality)."""
     m = backend.manifest
-    T = graph_T(m, step_mode(past_len, len(token_ids)))
-    window = attention_window(m, past_len, len(token_ids))
-    input_ids, mask, positions = step_inputs(token_ids, past_len, T, window, m.mask_value)
+    input_ids, mask, positions = plan_inputs(plan_step(m, past_len, len(token_ids)), token_ids, m.mask_value)
     hidden = backend.embed(input_ids)
     for k in range(len(m.blocks)):
         hidden, present_key, present_value = backend.block(k, hidden, mask, positions, *cache.past(k))
         cache.store(k, past_len, len(token_ids), present_key, present_value)
+    if all_rows:
+        return backend.output(hidden)[0, :len(token_ids)]
     last = hidden[:, len(token_ids) - 1:len(token_ids)]  # the head runs on the last real row only (T=1 graph)
     return backend.output(last)[0, 0]
 

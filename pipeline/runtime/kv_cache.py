@@ -13,6 +13,7 @@ import numpy as np
 
 from pipeline.core.atomic import atomic_write_path, write_text
 from pipeline.core.errors import StagepipeError
+from pipeline.core.layout import CACHE_JSON, KV_KINDS, kv_file
 from pipeline.core.jsonfile import load_model_file
 from schemas.manifest import Manifest
 from schemas.run import CacheRecord
@@ -33,11 +34,11 @@ class KVCacheDir:
         self._maps: dict[tuple[str, int], np.memmap] = {}
 
     def path(self, kind: str, k: int) -> Path:
-        return self.dir / f"past_{kind}_block{k}.npy"
+        return self.dir / kv_file(kind, k)
 
     def open(self, create: bool = False, reset: bool = False) -> "KVCacheDir":
         """Check (or create) the cache. reset=True throws away a cache made for other graphs."""
-        record_path = self.dir / "cache.json"
+        record_path = self.dir / CACHE_JSON
         if reset and self.dir.exists():
             shutil.rmtree(self.dir)
         if record_path.exists():
@@ -50,7 +51,7 @@ class KVCacheDir:
         elif create:
             self.dir.mkdir(parents=True, exist_ok=True)
             for k in range(len(self.manifest.blocks)):
-                for kind in ("key", "value"):
+                for kind in KV_KINDS:
                     self._create_file(self.path(kind, k), block_shape(self.manifest, k))
             write_text(record_path, self.record.model_dump_json(indent=2) + "\n")
         else:

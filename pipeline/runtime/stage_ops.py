@@ -7,7 +7,6 @@ so a rerun (by hand, or after a crash that lost doit's records) is idempotent an
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -15,40 +14,13 @@ import numpy as np
 from pipeline.core.atomic import rewrite_text, write_npy, write_text
 from pipeline.runtime.backends import Backend
 from pipeline.core.errors import StagepipeError
+from pipeline.core.layout import StepPaths, hidden_file, token_file_text
 from pipeline.runtime.kv_cache import store_slots
-from pipeline.runtime.plan import attention_window, graph_T, hidden_dtype, step_inputs, step_mode
+from pipeline.runtime.plan import StepPlan, hidden_dtype, plan_inputs, plan_step
 from pipeline.runtime.sampling import check_sampling, sample
 from pipeline.core.tensors import digest, parse_tensor, read_file
 from pipeline.core.jsonfile import load_model_file
 from schemas.run import SamplingSettings, StageRecord, StepMeta
-
-
-@dataclass
-class StepPaths:
-    """Where a step's files live; each can be pointed elsewhere (the stages' --hidden_in, --logits, ... flags)."""
-
-    step_dir: Path
-    meta: Path | None = None
-    input_ids: Path | None = None
-    attention_mask: Path | None = None
-    position_ids: Path | None = None
-    logits: Path | None = None
-    next_token_file: Path | None = None
-    next_token_text: Path | None = None
-
-    def __post_init__(self):
-        d = Path(self.step_dir)
-        self.step_dir = d
-        self.meta = Path(self.meta or d / "meta.json")
-        self.input_ids = Path(self.input_ids or d / "input_ids.npy")
-        self.attention_mask = Path(self.attention_mask or d / "attention_mask.npy")
-        self.position_ids = Path(self.position_ids or d / "position_ids.npy")
-        self.logits = Path(self.logits or d / "logits.npy")
-        self.next_token_file = Path(self.next_token_file or d / "next_token_id.txt")
-        self.next_token_text = Path(self.next_token_text or d / "next_token.txt")
-
-    def hidden(self, k: int) -> Path:
-        return self.step_dir / f"hidden_block{k}.npy"
 
 
 def load_meta(path: Path) -> StepMeta:
@@ -61,7 +33,7 @@ def save_meta(path: Path, meta: StepMeta, last: bool = False):
 
 
 def final_hidden(step_dir: Path, m) -> Path:
-    return Path(step_dir) / f"hidden_block{len(m.blocks)}.npy"
+    return Path(step_dir) / hidden_file(len(m.blocks))
 
 
 def history_of(prev_step_dir: Path | None, m) -> str:
@@ -86,8 +58,7 @@ def token_embed(backend: Backend, paths: StepPaths, step: int, past_len: int, to
     bad = [t for t in token_ids if not 0 <= t < vocab]
     if bad:
         raise StagepipeError(f"token id {bad[0]} is outside the vocabulary (0..{vocab - 1})")
-    mode = step_mode(past_len, len(token_ids))
-    T = graph_T(m, mode)
+    plan = plan_step(m, past_len, len(token_ids))
     hidden_out = Path(hidden_out or paths.hidden(0))
     history = history_of(prev_step_dir, m) if past_len > 0 else ""
     inputs_digest = digest(m.graphs_fingerprint, backend.name, step, past_len, token_ids, history)
@@ -96,15 +67,14 @@ def token_embed(backend: Backend, paths: StepPaths, step: int, past_len: int, to
         rec = old.stages.get("embed")
         if rec and rec.inputs_digest == inputs_digest:  # sampling is the output stage's business
             return old
-    window = attention_window(m, past_len, len(token_ids))
-    input_ids, mask, positions = step_inputs(token_ids, past_len, T, window, m.mask_value)
+    input_ids, mask, positions = plan_inputs(plan, token_ids, m.mask_value)
     hidden = backend.embed(input_ids)
     for path, arr in ((paths.input_ids, input_ids), (paths.attention_mask, mask), (paths.position_ids, positions),
                       (hidden_out, hidden)):
         write_npy(path, arr)
-    meta = StepMeta(step=step, mode=mode, past_len=past_len, q_len=len(token_ids),
-                    next_past_len=past_len + len(token_ids), max_input_len=m.max_input_len,
-                    max_cache_len=m.max_cache_len, attention_window=window, input_token_ids=list(token_ids),
+    meta = StepMeta(step=step, mode=plan.mode, past_len=past_len, q_len=len(token_ids),
+                    next_past_len=plan.next_past_len, max_input_len=m.max_input_len,
+                    max_cache_len=m.max_cache_len, attention_window=plan.W, input_token_ids=list(token_ids),
                     onnx_fingerprint=m.graphs_fingerprint, backend=backend.name, sampling=check_sampling(sampling),
                     sample_next=sample_next, history=history)
     meta.stages["embed"] = StageRecord(seconds=time.perf_counter() - started, inputs_digest=inputs_digest)
@@ -130,11 +100,8 @@ def block(backend: Backend, paths: StepPaths, k: int, past_key: np.ndarray, past
     rec = meta.stages.get(name)
     if rec and rec.inputs_digest == inputs_digest and hidden_out.exists():
         return meta
-    T, H = graph_T(m, meta.mode), m.model.hidden_size
-    W = meta.attention_window or m.max_cache_len
-    if meta.past_len + meta.q_len > W or W not in m.windows():
-        raise StagepipeError(f"{paths.meta}: past_len {meta.past_len} + q_len {meta.q_len} in a {W}-slot attention "
-                             f"window, the graphs have windows {m.windows()}; rerun token_embed for this step")
+    plan, H = meta_plan(meta, m, paths.meta), m.model.hidden_size
+    T, W = plan.T, plan.W
     hidden = parse_tensor(raw["hidden states"], hidden_in, (1, T, H), hidden_dtype(m), "hidden states")
     mask = parse_tensor(raw["attention mask"], paths.attention_mask, (1, 1, T, W + T), np.float32, "attention mask")
     positions = parse_tensor(raw["position ids"], paths.position_ids, (1, T), np.int64, "position ids")
@@ -166,7 +133,7 @@ def output(backend: Backend, paths: StepPaths, sampling: SamplingSettings | None
     done = paths.logits.exists() and (not meta.sample_next or paths.next_token_file.exists())
     if rec and rec.inputs_digest == inputs_digest and done:
         return meta
-    T, H = graph_T(m, meta.mode), m.model.hidden_size
+    T, H = meta_plan(meta, m, paths.meta).T, m.model.hidden_size
     hidden = parse_tensor(raw, hidden_in, (1, T, H), hidden_dtype(m), "hidden states")
     last_row = T > 1 and not full_logits
     logits = backend.output(hidden[:, meta.q_len - 1:meta.q_len] if last_row else hidden)
@@ -174,12 +141,26 @@ def output(backend: Backend, paths: StepPaths, sampling: SamplingSettings | None
     meta.next_token_id = None
     if meta.sample_next:
         token = sample(logits[0, -1 if last_row else meta.q_len - 1], meta.sampling, meta.step)
-        write_text(paths.next_token_file, f"{token}\n")
+        write_text(paths.next_token_file, token_file_text(token))
         write_text(paths.next_token_text, token_text(token) if token_text else f"<{token}>")
         meta.next_token_id = token
     meta.stages["output"] = StageRecord(seconds=time.perf_counter() - started, inputs_digest=inputs_digest)
     save_meta(paths.meta, meta, last=True)
     return meta
+
+
+def meta_plan(meta: StepMeta, m, where: Path) -> StepPlan:
+    """The plan of a step as its meta.json records it, checked against what plan_step decides for these graphs."""
+    try:
+        plan = plan_step(m, meta.past_len, meta.q_len)
+    except StagepipeError as e:
+        raise StagepipeError(f"{where}: {e}; rerun token_embed for this step") from None
+    recorded = (meta.mode, meta.attention_window or m.max_cache_len, meta.next_past_len)
+    if recorded != (plan.mode, plan.W, plan.next_past_len):
+        raise StagepipeError(f"{where}: mode/attention_window/next_past_len {recorded} do not follow from past_len "
+                             f"{meta.past_len} and q_len {meta.q_len} ({plan.mode}, {plan.W}, {plan.next_past_len}); "
+                             "rerun token_embed for this step")
+    return plan
 
 
 def _check_meta(meta: StepMeta, backend: Backend, where: Path):

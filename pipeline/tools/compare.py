@@ -18,7 +18,6 @@ and compared no further; --strict counts them as failures too.
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,9 +26,10 @@ import numpy as np
 
 from pipeline.core.atomic import atomic_write_path, write_text
 from pipeline.core.errors import StagepipeError, cli_entry, stdout_may_close
-from pipeline.tools.inspect import (HIDDEN_RE, INPUT_FILES, STEP_RE, classify, dump_json, fmt_num, format_table,
-                              load_step_meta, open_npy, run_tokenizer, step_dirs, step_next_token,
-                              tensor_sort_key, token_text)
+from pipeline.core.layout import INPUT_FILES, LOGITS, hidden_index, step_dirs, step_number, tensor_sort_key
+from pipeline.core.layout import writer_stage as stage_of
+from pipeline.tools.inspect import classify, load_step_meta, open_npy, run_tokenizer, step_next_token, token_text
+from pipeline.tools.report import dump_json, fmt_num, format_table
 
 EXACT_FILES = set(INPUT_FILES)  # compared for equality
 ZERO_FLOOR = 1e-12  # where an exact match is drawn on the log-scale plot
@@ -45,16 +45,7 @@ class Tolerance:
 
 def has_token_rows(name: str) -> bool:
     """hidden_block*.npy and logits.npy are (1, T, ...) with one row per token (padding rows at the end)."""
-    return bool(HIDDEN_RE.match(name)) or name == "logits.npy"
-
-
-def stage_of(name: str) -> str | None:
-    """The stage that wrote a tensor: hidden_block0 <- embed, hidden_block{k+1} <- block{k}, logits <- output."""
-    m = HIDDEN_RE.match(name)
-    if m:
-        k = int(m.group(1))
-        return "embed" if k == 0 else f"block{k - 1}"
-    return "output" if name == "logits.npy" else None
+    return hidden_index(name) is not None or name == LOGITS
 
 
 def _shape(shape) -> str:
@@ -155,7 +146,7 @@ def compare_tensor(path_a: Path, path_b: Path, rows: int | None, tol: Tolerance)
 
 def _last_row_only(name: str, a: np.ndarray, b: np.ndarray, rows: int | None) -> bool:
     """logits (1,T,V) against (1,1,V): a full-logits prefill step against a last-row-only one."""
-    if name != "logits.npy" or rows is None or a.ndim != 3 or b.ndim != 3:
+    if name != LOGITS or rows is None or a.ndim != 3 or b.ndim != 3:
         return False
     if a.shape[0] != b.shape[0] or a.shape[2] != b.shape[2]:
         return False
@@ -174,7 +165,7 @@ def _sides(path_a: Path, path_b: Path):
         return "step", {path_a.name: (path_a, path_b)}
     a = {d.name: d for d in step_dirs(path_a)}
     b = {d.name: d for d in step_dirs(path_b)}
-    names = sorted(set(a) | set(b), key=lambda n: int(STEP_RE.match(n).group(1)))
+    names = sorted(set(a) | set(b), key=step_number)
     return "run", {n: (a.get(n), b.get(n)) for n in names}
 
 
@@ -319,8 +310,7 @@ def write_plot(r: dict, out: Path):
 
     series: dict[str, dict] = {}
     for s in r["steps"]:
-        m = re.search(r"(\d+)$", s["step"])
-        x = int(m.group(1)) if m else 0
+        x = step_number(s["step"]) or 0
         for e in s["tensors"]:
             if e["stage"] is None:
                 continue

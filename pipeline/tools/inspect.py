@@ -16,54 +16,23 @@ import argparse
 import functools
 import json
 import math
-import re
 from pathlib import Path
 
 import numpy as np
 
 from pipeline.core.errors import StagepipeError, cli_entry, stdout_may_close
+from pipeline.core import layout
 from pipeline.core.jsonfile import load_model_file
+from pipeline.core.layout import step_dirs, step_number, tensor_sort_key
+from pipeline.tools.report import dump_json, fmt_num, format_table
 from schemas.run import CacheRecord, RunSummary, StepMeta
 
-STEP_RE = re.compile(r"^step_(\d+)$")
-HIDDEN_RE = re.compile(r"^hidden_block(\d+)\.npy$")
-INPUT_FILES = ("input_ids.npy", "attention_mask.npy", "position_ids.npy")
 CHUNK = 1 << 22  # elements reduced at a time
 
 
 # -- shared helpers (pipeline.compare uses these too) ---------------------------------------------------------------
-def step_dirs(run_dir: Path) -> list[Path]:
-    """The run's step_NNNN folders in step order."""
-    found = [d for d in Path(run_dir).iterdir() if d.is_dir() and STEP_RE.match(d.name)]
-    return sorted(found, key=lambda d: int(STEP_RE.match(d.name).group(1)))
-
-
-def tensor_sort_key(name: str):
-    """Pipeline order: input_ids, attention_mask, position_ids, hidden_block0..N, logits, then anything else."""
-    if name in INPUT_FILES:
-        return (0, INPUT_FILES.index(name), "")
-    m = HIDDEN_RE.match(name)
-    if m:
-        return (1, int(m.group(1)), "")
-    if name == "logits.npy":
-        return (2, 0, "")
-    return (3, 0, name)
-
-
 def step_tensor_files(step_dir: Path) -> list[Path]:
     return sorted((p for p in Path(step_dir).glob("*.npy") if p.is_file()), key=lambda p: tensor_sort_key(p.name))
-
-
-def is_step_dir(path: Path) -> bool:
-    return path.is_dir() and ((path / "meta.json").is_file() or bool(STEP_RE.match(path.name)))
-
-
-def is_run_dir(path: Path) -> bool:
-    return path.is_dir() and ((path / "run.json").is_file() or any(STEP_RE.match(p.name) for p in path.iterdir()))
-
-
-def is_kv_dir(path: Path) -> bool:
-    return path.is_dir() and ((path / "cache.json").is_file() or any(path.glob("past_key_block*.npy")))
 
 
 def classify(path: Path) -> str:
@@ -75,11 +44,11 @@ def classify(path: Path) -> str:
         if path.suffix == ".npy":
             return "npy"
         raise StagepipeError(f"{path}: is a file; give a run folder, a step folder, a kv_cache folder or a .npy file")
-    if is_kv_dir(path):
+    if layout.looks_like_kv_dir(path):
         return "kv_cache"
-    if (path / "meta.json").is_file() or STEP_RE.match(path.name):
+    if (path / layout.META).is_file() or step_number(path.name) is not None:
         return "step"
-    if is_run_dir(path):
+    if layout.looks_like_run_dir(path):
         return "run"
     raise StagepipeError(f"{path}: not a run folder (run.json, step_NNNN/), a step folder (meta.json) or a "
                          "kv_cache folder (cache.json)")
@@ -100,13 +69,13 @@ def read_json(path: Path) -> dict | None:
 
 
 def load_step_meta(step_dir: Path) -> StepMeta | None:
-    path = Path(step_dir) / "meta.json"
+    path = Path(step_dir) / layout.META
     return load_model_file(path, StepMeta) if path.is_file() else None
 
 
 def step_next_token(step_dir: Path, meta: StepMeta | None) -> int | None:
     """The token the step sampled: next_token_id.txt (what the next step reads), else meta.json."""
-    path = Path(step_dir) / "next_token_id.txt"
+    path = Path(step_dir) / layout.NEXT_TOKEN_ID
     if path.is_file():
         try:
             return int(path.read_text().split()[0])
@@ -137,7 +106,7 @@ def _tokenizer(path: str, mtime_ns: int, size: int):
 
 def run_tokenizer(run_dir: Path, settings: dict | None = None):
     """The tokenizer of the run's onnx_dir, or None (text columns then show '-'). Loaded once per file."""
-    settings = settings if settings is not None else read_json(Path(run_dir) / "run.json")
+    settings = settings if settings is not None else read_json(Path(run_dir) / layout.RUN_JSON)
     onnx_dir = find_onnx_dir(run_dir, settings)
     path = onnx_dir / "tokenizer.json" if onnx_dir else None
     if path is None or not path.is_file():
@@ -162,42 +131,6 @@ def abbreviate_ids(ids: list[int], keep: int = 3) -> str:
     if len(ids) <= keep + 1:
         return " ".join(map(str, ids))
     return f"{' '.join(map(str, ids[:keep - 1]))} … {ids[-1]} [{len(ids)}]"
-
-
-def fmt_num(x) -> str:
-    if x is None:
-        return "-"
-    if isinstance(x, float):
-        return f"{x:.4g}" if math.isfinite(x) else str(x)
-    return str(x)
-
-
-def format_table(headers: list[str], rows: list[list], right: set[int] = frozenset()) -> str:
-    cells = [[("-" if c is None else str(c)) for c in row] for row in rows]
-    widths = [max([len(h)] + [len(r[i]) for r in cells]) for i, h in enumerate(headers)]
-
-    def line(values):
-        out = [v.rjust(w) if i in right else v.ljust(w) for i, (v, w) in enumerate(zip(values, widths))]
-        return "  ".join(out).rstrip()
-
-    return "\n".join([line(headers), line(["-" * w for w in widths])] + [line(r) for r in cells])
-
-
-def json_safe(obj):
-    """NaN/Inf floats become None so the output is strict JSON."""
-    if isinstance(obj, float):
-        return obj if math.isfinite(obj) else None
-    if isinstance(obj, dict):
-        return {str(k): json_safe(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return [json_safe(v) for v in obj]
-    if isinstance(obj, np.generic):
-        return json_safe(obj.item())
-    return obj
-
-
-def dump_json(obj) -> str:
-    return json.dumps(json_safe(obj), indent=2, ensure_ascii=False, allow_nan=False)
 
 
 # -- tensors ----------------------------------------------------------------------------------------------------------
@@ -275,19 +208,15 @@ def tensor_rows(stats: list[dict]) -> list[list]:
 
 # -- run ----------------------------------------------------------------------------------------------------------
 def stage_order(names) -> list[str]:
-    def key(n):
-        m = re.match(r"^block(\d+)$", n)
-        return (0, 0) if n == "embed" else (1, int(m.group(1))) if m else (2, 0) if n == "output" else (3, n)
-
-    return sorted(set(names), key=lambda n: (key(n)[0], key(n)[1], n))
+    return sorted(set(names), key=layout.stage_sort_key)
 
 
 def inspect_run(run_dir: Path) -> dict:
-    settings = read_json(run_dir / "run.json")
+    settings = read_json(run_dir / layout.RUN_JSON)
     summary, summary_error = None, None
-    if (run_dir / "summary.json").is_file():
+    if (run_dir / layout.SUMMARY_JSON).is_file():
         try:
-            summary = load_model_file(run_dir / "summary.json", RunSummary).model_dump()
+            summary = load_model_file(run_dir / layout.SUMMARY_JSON, RunSummary).model_dump()
         except StagepipeError as e:
             summary_error = str(e)
     tokenizer = run_tokenizer(run_dir, settings)
@@ -299,7 +228,7 @@ def inspect_run(run_dir: Path) -> dict:
             meta, problem = None, str(e)
         token = step_next_token(d, meta)
         steps.append({
-            "step": int(STEP_RE.match(d.name).group(1)), "dir": d.name, "error": problem,
+            "step": step_number(d.name), "dir": d.name, "error": problem,
             "mode": meta.mode if meta else None, "past_len": meta.past_len if meta else None,
             "q_len": meta.q_len if meta else None, "input_token_ids": meta.input_token_ids if meta else None,
             "next_token_id": token, "next_token_text": token_text(tokenizer, token),
@@ -368,9 +297,9 @@ def print_run(info: dict):
 
 # -- step ---------------------------------------------------------------------------------------------------------
 def inspect_step(step_dir: Path) -> dict:
-    meta_path = step_dir / "meta.json"
+    meta_path = step_dir / layout.META
     meta = load_model_file(meta_path, StepMeta).model_dump() if meta_path.is_file() else None
-    text_path = step_dir / "next_token.txt"
+    text_path = step_dir / layout.NEXT_TOKEN_TEXT
     return {"kind": "step", "path": str(step_dir), "meta": meta,
             "next_token_text": text_path.read_text(encoding="utf-8", errors="replace") if text_path.is_file() else None,
             "tensors": [file_stats(p) for p in step_tensor_files(step_dir)]}
@@ -420,12 +349,10 @@ def slot_usage(arr: np.ndarray, slot_axis: int = 3) -> dict:
 
 
 def inspect_kv(kv_dir: Path) -> dict:
-    record_path = kv_dir / "cache.json"
+    record_path = kv_dir / layout.CACHE_JSON
     record = load_model_file(record_path, CacheRecord).model_dump() if record_path.is_file() else None
     files = []
-    names = sorted(kv_dir.glob("past_*_block*.npy"),
-                   key=lambda p: (int(re.search(r"block(\d+)", p.name).group(1)), p.name))
-    for p in names:
+    for p in layout.kv_files(kv_dir):
         try:
             arr = open_npy(p)
             files.append({"file": p.name, "shape": list(arr.shape), "dtype": str(arr.dtype), **slot_usage(arr)})

@@ -23,7 +23,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.core.errors import StagepipeError, cli_entry, stdout_may_close
-from pipeline.tools.inspect import dump_json, format_table
+from pipeline.core.layout import MANIFEST, MODES, graph_set_window
+from pipeline.tools.report import dump_json, format_table
 
 STANDARD_DOMAINS = {"", "ai.onnx", "ai.onnx.ml"}
 DEFAULT_DOMAIN = "ai.onnx"
@@ -210,20 +211,26 @@ def graph_files(path: Path) -> tuple[list[tuple[str, Path]], int | None]:
         if path.suffix != ".onnx":
             raise StagepipeError(f"{path}: not an .onnx file; give an onnx_dir or one .onnx graph")
         return [(path.name, path)], None
-    if (path / "manifest.json").is_file():
+    if (path / MANIFEST).is_file():
         from pipeline.core.jsonfile import load_manifest
 
         manifest = load_manifest(path)
+        missing = [f"{mode}/{stage}" for mode in MODES for stage in manifest.stage_names()
+                   if stage not in manifest.graphs.get(mode, {})]
+        if missing:
+            raise StagepipeError(f"{path}/{MANIFEST}: no graph for {missing[0]}; reconvert")
         out = []
-        for mode in ("prefill", "decode"):
+        # every graph the manifest lists: each mode's whole-cache set, then the attention windows' block graphs
+        C = manifest.max_cache_len
+        for graphs in sorted(manifest.graphs, key=lambda g: (-graph_set_window(g, C), MODES.index(g.split("_c")[0]))):
             for stage in manifest.stage_names():
-                spec = manifest.graphs.get(mode, {}).get(stage)
+                spec = manifest.graphs[graphs].get(stage)
                 if spec is None:
-                    raise StagepipeError(f"{path}/manifest.json: no {mode} graph for stage {stage}; reconvert")
+                    continue
                 f = path / spec.file
                 if not f.is_file():
-                    raise StagepipeError(f"{f}: listed in manifest.json but missing; reconvert the model")
-                out.append((f"{mode}/{stage}", f))
+                    raise StagepipeError(f"{f}: listed in {MANIFEST} but missing; reconvert the model")
+                out.append((spec.file.removesuffix(".onnx"), f))
         return out, manifest.opset
     found = sorted(path.rglob("*.onnx"))
     if not found:

@@ -1,0 +1,185 @@
+"""The file contract: every file and folder name of an onnx_dir, a run folder, a step folder and a KV cache
+folder. Every other module imports these names; none spells them.
+
+    onnx_dir/   manifest.json, config.json, generation_config.json, tokenizer files,
+                prefill/ and decode/: <stage>.onnx (whole cache), block<K>_c<W>.onnx (attention window W),
+                <stage>.data (weights; decode's are hard links of prefill's)
+    run folder/ run.json, summary.json, .lock, .doit.db, kv_cache/, step_0000/, step_0001/, ...
+    step_NNNN/  meta.json, input_ids.npy, attention_mask.npy, position_ids.npy, hidden_block0..N.npy,
+                logits.npy, next_token_id.txt, next_token.txt
+    kv_cache/   cache.json, past_key_block<K>.npy, past_value_block<K>.npy
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.core.errors import StagepipeError
+
+# -- onnx_dir ------------------------------------------------------------------------------------------------------
+MANIFEST = "manifest.json"
+MODEL_CONFIG = "config.json"
+GENERATION_CONFIG = "generation_config.json"
+TOKENIZER_JSON = "tokenizer.json"
+TOKENIZER_CONFIG = "tokenizer_config.json"
+TOKENIZER_FILES = (TOKENIZER_JSON, TOKENIZER_CONFIG, "vocab.json", "merges.txt", "special_tokens_map.json",
+                   "added_tokens.json", "chat_template.jinja")
+MODES = ("prefill", "decode")  # T = max_input_len tokens a step, and T = 1
+
+
+def graph_set(mode: str, window: int, max_cache_len: int) -> str:
+    """Key in manifest.graphs: "prefill"/"decode" at the whole cache (every stage), "<mode>_c<W>" for the block
+    graphs of a smaller attention window W."""
+    return mode if window == max_cache_len else f"{mode}_c{window}"
+
+
+def graph_set_window(name: str, max_cache_len: int) -> int:
+    """The attention window of a graph set named by graph_set."""
+    return int(name.split("_c")[1]) if "_c" in name else max_cache_len
+
+
+def graph_file(mode: str, stage: str, window: int, max_cache_len: int) -> str:
+    """A graph's path in the onnx_dir: decode/block0.onnx, decode/block0_c128.onnx."""
+    suffix = "" if window == max_cache_len else f"_c{window}"
+    return f"{mode}/{stage}{suffix}.onnx"
+
+
+def weights_file(mode: str, stage: str) -> str:
+    """The external-data file a stage's graphs in one mode folder read (all windows share it)."""
+    return f"{mode}/{stage}.data"
+
+
+# -- run folder ----------------------------------------------------------------------------------------------------
+RUN_JSON = "run.json"
+SUMMARY_JSON = "summary.json"
+LOCK_FILE = ".lock"
+DOIT_DB = ".doit.db"
+KV_DIR = "kv_cache"
+_STEP = re.compile(r"step_(\d{4,})")
+
+
+def step_name(n: int) -> str:
+    return f"step_{n:04d}"
+
+
+def step_number(name: str) -> int | None:
+    """N of a folder named step_NNNN; None for any other name (step_0003.bak is not a step)."""
+    m = _STEP.fullmatch(name)
+    return int(m.group(1)) if m else None
+
+
+def step_dirs(run_dir: Path) -> list[Path]:
+    """The run's step folders in step order; other folders and files are ignored."""
+    found = [(step_number(d.name), d) for d in Path(run_dir).iterdir() if d.is_dir()]
+    return [d for n, d in sorted((n, d) for n, d in found if n is not None)]
+
+
+def looks_like_run_dir(path: Path) -> bool:
+    return path.is_dir() and ((path / RUN_JSON).is_file() or any(step_number(p.name) is not None
+                                                                 for p in path.iterdir()))
+
+
+# -- step folder ---------------------------------------------------------------------------------------------------
+META = "meta.json"
+INPUT_IDS = "input_ids.npy"
+ATTENTION_MASK = "attention_mask.npy"
+POSITION_IDS = "position_ids.npy"
+LOGITS = "logits.npy"
+NEXT_TOKEN_ID = "next_token_id.txt"
+NEXT_TOKEN_TEXT = "next_token.txt"
+INPUT_FILES = (INPUT_IDS, ATTENTION_MASK, POSITION_IDS)
+_HIDDEN = re.compile(r"hidden_block(\d+)\.npy")
+
+
+def hidden_file(k: int) -> str:
+    """The hidden states entering block k (hidden_block0 comes from embed; hidden_block{N} feeds the output)."""
+    return f"hidden_block{k}.npy"
+
+
+def hidden_index(name: str) -> int | None:
+    m = _HIDDEN.fullmatch(name)
+    return int(m.group(1)) if m else None
+
+
+def tensor_sort_key(name: str):
+    """Pipeline order: input_ids, attention_mask, position_ids, hidden_block0..N, logits, then anything else."""
+    if name in INPUT_FILES:
+        return (0, INPUT_FILES.index(name), "")
+    if hidden_index(name) is not None:
+        return (1, hidden_index(name), "")
+    return (2, 0, "") if name == LOGITS else (3, 0, name)
+
+
+def writer_stage(name: str) -> str | None:
+    """The stage that writes a step tensor: hidden_block0 <- embed, hidden_block{k+1} <- block{k}, logits <- output."""
+    k = hidden_index(name)
+    if k is not None:
+        return "embed" if k == 0 else f"block{k - 1}"
+    return "output" if name == LOGITS else None
+
+
+def stage_sort_key(stage: str):
+    """Pipeline order of stage names: embed, block0..N, output, then anything else."""
+    m = re.fullmatch(r"block(\d+)", stage)
+    return (0, 0, "") if stage == "embed" else (1, int(m.group(1)), "") if m else (2, 0, "") if stage == "output" \
+        else (3, 0, stage)
+
+
+@dataclass
+class StepPaths:
+    """Where a step's files live; each can be pointed elsewhere (the stages' --hidden_in, --logits, ... flags)."""
+
+    step_dir: Path
+    meta: Path | None = None
+    input_ids: Path | None = None
+    attention_mask: Path | None = None
+    position_ids: Path | None = None
+    logits: Path | None = None
+    next_token_file: Path | None = None
+    next_token_text: Path | None = None
+
+    def __post_init__(self):
+        d = self.step_dir = Path(self.step_dir)
+        self.meta = Path(self.meta or d / META)
+        self.input_ids = Path(self.input_ids or d / INPUT_IDS)
+        self.attention_mask = Path(self.attention_mask or d / ATTENTION_MASK)
+        self.position_ids = Path(self.position_ids or d / POSITION_IDS)
+        self.logits = Path(self.logits or d / LOGITS)
+        self.next_token_file = Path(self.next_token_file or d / NEXT_TOKEN_ID)
+        self.next_token_text = Path(self.next_token_text or d / NEXT_TOKEN_TEXT)
+
+    def hidden(self, k: int) -> Path:
+        return self.step_dir / hidden_file(k)
+
+
+def read_token_file(path: Path) -> int:
+    """The token id in a next_token_id.txt."""
+    try:
+        return int(Path(path).read_text().split()[0])
+    except (OSError, ValueError, IndexError, UnicodeDecodeError):
+        raise StagepipeError(f"{path}: expected one integer token id; fix the file or rerun the output stage") from None
+
+
+def token_file_text(token_id: int) -> str:
+    return f"{token_id}\n"
+
+
+# -- KV cache folder -----------------------------------------------------------------------------------------------
+CACHE_JSON = "cache.json"
+KV_KINDS = ("key", "value")
+_KV = re.compile(r"past_(key|value)_block(\d+)\.npy")
+
+
+def kv_file(kind: str, k: int) -> str:
+    return f"past_{kind}_block{k}.npy"
+
+
+def kv_files(kv_dir: Path) -> list[Path]:
+    """The cache files in a kv_cache folder, by block then kind."""
+    found = [(int(m.group(2)), m.group(1), p) for p in Path(kv_dir).iterdir() if (m := _KV.fullmatch(p.name))]
+    return [p for _, _, p in sorted(found)]
+
+
+def looks_like_kv_dir(path: Path) -> bool:
+    return path.is_dir() and ((path / CACHE_JSON).is_file() or any(path.glob(kv_file("key", "*"))))

@@ -1,0 +1,42 @@
+"""RunOptions: every run_auto setting with its default, once; `doit run_auto` parameters are built from it."""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from pipeline.core.options import option
+from schemas.run import SamplingSettings
+
+DEFAULT_PROMPT = "Give me a short introduction to large language models."
+
+
+@dataclass(frozen=True)
+class RunOptions:
+    prompt: str = option("", "prompt text (default: a demo prompt)")
+    model_path: str = option("", "HF checkpoint: converted first when the onnx_dir is missing or stale")
+    onnx_dir: str = option("", "converted model folder (default with --model_path: onnx/<model folder name>)")
+    run_root: str = option("runs/demo", "the run's folder")
+    steps: int = option(32, "new tokens to generate at most")
+    max_input_len: int = option(0, "T when converting (0: the converter's default)")
+    max_cache_len: int = option(0, "C when converting (0: the converter's default)")
+    greedy: bool = option(False, "argmax (the default unless --temperature/--top_k/--top_p)")
+    temperature: float = option(0.0, "sampling temperature")
+    top_k: int = option(0, "sample among the k best (0: all)")
+    top_p: float = option(0.0, "nucleus sampling mass")
+    seed: int = option(0, "sampling seed")
+    chat: bool = option(False, "wrap the prompt in the chat template")
+    no_think: bool = option(False, "Qwen3: empty think block")
+    backend: str = option("onnx", "onnx or reference")
+    provider: str = option("cpu", "onnxruntime: cpu or cuda")
+    ignore_eos: bool = option(False, "do not stop at end of sequence")
+    from_step: int = option(-1, "discard steps >= K and generate them again (-1: keep all)")
+    clean: bool = option(False, "start the run folder over")
+    reset_kv: bool = option(False, "new KV cache, recompute all steps")
+    full_logits: bool = option(False, "prefill steps keep logits for all T rows (default: the last real row only)")
+
+    def sampling(self) -> SamplingSettings:
+        sampled = bool(self.temperature or self.top_k or self.top_p)
+        return SamplingSettings(greedy=self.greedy or not sampled, temperature=self.temperature or 1.0,
+                                top_k=self.top_k, top_p=self.top_p or 1.0, seed=self.seed)
+
+    def prompt_text(self) -> str:
+        return self.prompt or DEFAULT_PROMPT
