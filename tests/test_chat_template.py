@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from pipeline.errors import StagepipeError
+from pipeline.core.errors import StagepipeError
 from pipeline.runtime.chat_template import ChatTemplate, chat_messages
-from pipeline.tokenizer import (EMPTY_THINK_BLOCK, QWEN3_CHAT_TEMPLATE, Tokenizer, qwen3_tokenizer_config,
-                                write_qwen3_tokenizer)
+from pipeline.runtime.tokenizer import (EMPTY_THINK_BLOCK, QWEN3_CHAT_TEMPLATE, Tokenizer, qwen3_tokenizer_config,
+                                        write_qwen3_tokenizer)
 
 transformers = pytest.importorskip("transformers")
 
@@ -130,7 +130,7 @@ def test_qwen3_enable_thinking(families, tok, enable_thinking):
     hf_text, hf_ids = hf_render(hf, messages, enable_thinking=enable_thinking)
     assert text == hf_text and tok.encode(text) == hf_ids
     assert text.endswith("<|im_start|>assistant\n" + ("" if enable_thinking else EMPTY_THINK_BLOCK))
-    assert (ours.prompt(USER, system="You are terse.", no_think=not enable_thinking) == text)
+    assert ours.prompt(USER, system="You are terse.", no_think=not enable_thinking) == text
 
 
 def test_qwen3_drops_earlier_reasoning_from_history(families, tok):
@@ -204,7 +204,8 @@ def test_added_token_dicts_list_templates_and_jinja_file(make_checkpoint, tok):
                              chat_template=[{"name": "tool_use", "template": "tools!"},
                                             {"name": "default", "template": source}])
     ours = ChatTemplate.load(folder)
-    assert ours.special_tokens == {"bos_token": "<|endoftext|>", "eos_token": "<|im_end|>", "pad_token": "<|endoftext|>"}
+    assert ours.special_tokens == {"bos_token": "<|endoftext|>", "eos_token": "<|im_end|>",
+                                   "pad_token": "<|endoftext|>"}
     hf = transformers.AutoTokenizer.from_pretrained(str(folder))
     assert ours.render(MSG) == hf.apply_chat_template(MSG, tokenize=False, add_generation_prompt=True)
     assert ours.render(MSG) == "<|endoftext|>+<|im_end|>+x"
@@ -229,6 +230,7 @@ def test_errors_are_one_clear_line(make_checkpoint, families, tmp_path):
     msg = _one_line_error("no chat template", ChatTemplate.load, no_template)
     assert "tokenizer_config.json" in msg and "--chat" in msg
     _one_line_error("no chat template", ChatTemplate.load, tmp_path)  # an empty folder
+    _one_line_error("not a folder", ChatTemplate.load, tmp_path / "missing")
     _one_line_error(r"none is named 'default'", ChatTemplate.load,
                     make_checkpoint("no-default", chat_template=[{"name": "tool_use", "template": "x"}]))
     _one_line_error(r"does not compile \(line 1", ChatTemplate.load,

@@ -7,9 +7,9 @@ import json
 import numpy as np
 import pytest
 
-from pipeline.errors import StagepipeError
+from pipeline.core.errors import StagepipeError
 from pipeline.runtime.generation_config import sampling_from_generation_config
-from pipeline.sampling import apply_repetition_penalty, candidates, check_sampling, sample
+from pipeline.runtime.sampling import apply_repetition_penalty, candidates, check_sampling, sample
 from schemas.run import SamplingSettings
 
 torch = pytest.importorskip("torch")

@@ -17,7 +17,7 @@ from datetime import datetime
 from functools import cached_property
 from pathlib import Path
 
-from pipeline.errors import StagepipeError
+from pipeline.core.errors import StagepipeError
 
 CONFIG_FILE = "tokenizer_config.json"
 TEMPLATE_FILE = "chat_template.jinja"
@@ -108,6 +108,8 @@ class ChatTemplate:
     def load(cls, folder) -> "ChatTemplate":
         """The chat template of a checkpoint or onnx_dir folder; StagepipeError when it has none or it is broken."""
         folder = Path(folder)
+        if not folder.is_dir():
+            raise StagepipeError(f"{folder}: not a folder; point at the checkpoint or onnx_dir folder")
         config_path, template_path = folder / CONFIG_FILE, folder / TEMPLATE_FILE
         config = _read_config(config_path) if config_path.is_file() else {}
         special = {name: text for name in SPECIAL_TOKEN_NAMES if (text := _token_text(config.get(name))) is not None}

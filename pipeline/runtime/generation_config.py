@@ -4,8 +4,8 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from pipeline.errors import StagepipeError
-from pipeline.sampling import check_sampling
+from pipeline.core.errors import StagepipeError
+from pipeline.runtime.sampling import check_sampling
 from schemas.run import SamplingSettings
 
 GENERATION_CONFIG_FILE = "generation_config.json"
