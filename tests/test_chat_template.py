@@ -122,6 +122,16 @@ def test_same_text_and_ids_as_transformers(families, tok, family, conversation):
         assert (text == Tokenizer.chat_prompt(USER, system=system)) == (family == "qwen3" or system is not None)
 
 
+def test_issue_14_prompt_lengths(families, tok):
+    """The report: --chat sent 18 ids where transformers gives 39 (Qwen2.5) and 28 (Qwen1.5)."""
+    prompt = "Give me a short introduction to large language model."
+    assert len(tok.encode(Tokenizer.chat_prompt(prompt))) == 18
+    for family, n in (("qwen2.5", 39), ("qwen1.5", 28), ("qwen3", 18)):
+        ours, hf = families(family)
+        ids = tok.encode(ours.prompt(prompt))
+        assert len(ids) == n and ids == hf_render(hf, chat_messages(prompt))[1]
+
+
 @pytest.mark.parametrize("enable_thinking", [False, True])
 def test_qwen3_enable_thinking(families, tok, enable_thinking):
     ours, hf = families("qwen3")
