@@ -19,6 +19,7 @@ class SamplingSettings(Strict):
     top_k: int = 0  # 0 = no limit
     top_p: float = 1.0
     seed: int = 0
+    repetition_penalty: float = 1.0  # 1 = none; >1 makes tokens already seen (prompt + generated) less likely
 
 
 class RunSettings(Strict):
