@@ -15,8 +15,8 @@ import pytest
 
 from pipeline.core.errors import StagepipeError
 from pipeline.runtime.chat_template import ChatTemplate, chat_messages
-from pipeline.runtime.tokenizer import (EMPTY_THINK_BLOCK, QWEN3_CHAT_TEMPLATE, Tokenizer, qwen3_tokenizer_config,
-                                        write_qwen3_tokenizer)
+from pipeline.demo.tokenizer_files import QWEN3_CHAT_TEMPLATE, qwen3_tokenizer_config, write_qwen3_tokenizer
+from pipeline.runtime.tokenizer import EMPTY_THINK_BLOCK, Tokenizer
 
 transformers = pytest.importorskip("transformers")
 
