@@ -11,14 +11,22 @@ so listing or asking for help never converts or writes anything.
 """
 import sys
 
-from doit import task_params
+from pipeline.run import interrupts
 
-from pipeline.convert.options import ConvertOptions
-from pipeline.core.options import doit_params
-from pipeline.run.doit_support import QuietReporter
-from pipeline.run.options import RunOptions
+interrupts.install()  # Ctrl-C from here on: one line and exit code 130, never a traceback
 
-DOIT_CONFIG = {"default_tasks": ["run_auto"], "verbosity": 2, "reporter": QuietReporter, "backend": "json"}
+from doit import task_params  # noqa: E402
+
+from pipeline.convert.options import ConvertOptions  # noqa: E402
+from pipeline.core.options import doit_params  # noqa: E402
+from pipeline.run.doit_support import QuietReporter  # noqa: E402
+from pipeline.run.options import RunOptions  # noqa: E402
+
+# doit's record of these tasks (they always run: it holds nothing a run needs). sqlite3 commits atomically and
+# locks, so commands started side by side in this folder, or killed while saving, never leave it unreadable
+# (the json backend rewrites its file in place). Each run keeps its own record in its run folder.
+DOIT_CONFIG = {"default_tasks": ["run_auto"], "verbosity": 2, "reporter": QuietReporter, "backend": "sqlite3",
+               "dep_file": ".doit-tasks.sqlite3"}
 
 
 def _python_module(module: str, argv: list) -> dict:

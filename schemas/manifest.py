@@ -1,26 +1,42 @@
 """manifest.json: everything a stage needs to know about a converted onnx_dir."""
 from __future__ import annotations
 
-from typing import Literal
+import math
+import posixpath
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, model_validator
 
 MANIFEST_SCHEMA_VERSION = 1
+# an additive mask value must drown any attention score: exp(score + mask) underflows to 0 for it
+MASK_VALUE_MAX = -1000.0
+
+
+def _inside_folder(path: str) -> str:
+    """A path read from the manifest stays inside the onnx_dir: relative, without '..' (graph paths are opened)."""
+    norm = posixpath.normpath(path)
+    if not path or path.startswith("/") or "\\" in path or norm == ".." or norm.startswith("../") or norm != path:
+        raise ValueError(f"{path!r} is not a plain relative path inside the onnx_dir")
+    return path
+
+
+InsidePath = Annotated[str, AfterValidator(_inside_folder)]
+Positive = Annotated[int, Field(ge=1)]
 
 
 class ModelConfig(BaseModel):
     """The model dimensions the graphs were built for (parsed from the checkpoint's config.json)."""
 
     architecture: str
-    hidden_size: int
-    intermediate_size: int
-    num_layers: int
-    num_attention_heads: int
-    num_key_value_heads: int
-    head_dim: int
-    vocab_size: int
-    rms_norm_eps: float
-    rope_theta: float
+    hidden_size: Positive
+    intermediate_size: Positive
+    num_layers: Positive
+    num_attention_heads: Positive
+    num_key_value_heads: Positive
+    head_dim: Positive
+    vocab_size: Positive
+    rms_norm_eps: float = Field(gt=0)
+    rope_theta: float = Field(gt=0)
     tie_word_embeddings: bool
     qkv_bias: bool  # bias on q/k/v projections (Qwen2 always; Qwen3 when attention_bias)
     o_bias: bool  # bias on o_proj (Qwen3 with attention_bias only)
@@ -33,23 +49,30 @@ class ModelConfig(BaseModel):
     def group_size(self) -> int:
         return self.num_attention_heads // self.num_key_value_heads
 
+    @model_validator(mode="after")
+    def _heads_group(self):
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(f"num_attention_heads {self.num_attention_heads} is not a multiple of "
+                             f"num_key_value_heads {self.num_key_value_heads}")
+        return self
+
 
 class TensorSpec(BaseModel):
     name: str
-    shape: list[int]
+    shape: list[Positive]
     dtype: str
 
 
 class GraphSpec(BaseModel):
-    file: str  # relative to the onnx_dir, e.g. "decode/block0.onnx"
-    weights_files: list[str]  # external data files the graph reads, relative to the onnx_dir
+    file: InsidePath  # relative to the onnx_dir, e.g. "decode/block0.onnx"
+    weights_files: list[InsidePath]  # external data files the graph reads, relative to the onnx_dir
     inputs: list[TensorSpec]
     outputs: list[TensorSpec]
 
 
 class BlockSpec(BaseModel):
-    index: int
-    layer_start: int  # first layer (inclusive)
+    index: int = Field(ge=0)
+    layer_start: int = Field(ge=0)  # first layer (inclusive)
     layer_end: int  # last layer (exclusive)
 
     @property
@@ -62,6 +85,15 @@ class SourceFile(BaseModel):
     mtime_ns: int
 
 
+class WrittenFile(BaseModel):
+    """A file the converter wrote: checked before a run opens it. Graphs are small and always hashed; a
+    weights file is hashed again only when its size or mtime moved (a 2 GB file is not reread every run)."""
+
+    size: int = Field(ge=0)
+    mtime_ns: int
+    sha256: str
+
+
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -71,14 +103,14 @@ class Manifest(BaseModel):
     model: ModelConfig
     precision: Literal["fp32", "fp16", "int8", "int4"]  # int8/int4: weight-only quantized linear layers
     kv_dtype: Literal["float16", "float32"]
-    max_input_len: int  # T of the prefill graphs
-    max_cache_len: int  # C: KV cache slots
+    max_input_len: Positive  # T of the prefill graphs
+    max_cache_len: Positive  # C: KV cache slots
     # Attention windows the block graphs exist for, ascending, the last = max_cache_len. A step runs the block
     # graphs of the smallest window that holds past_len + q_len slots, so early tokens do not pay for all C slots.
     # Graph sets: "prefill"/"decode" (every stage, window C) and "prefill_c<W>"/"decode_c<W>" (blocks, window W).
     cache_windows: list[int] = []  # [] (older manifests): [max_cache_len]
-    mask_value: float  # what attention_mask holds where a position is masked
-    opset: int
+    mask_value: float  # what attention_mask holds where a position is masked (finite, <= MASK_VALUE_MAX)
+    opset: Positive
     blocks: list[BlockSpec]
     graphs: dict[str, dict[str, GraphSpec]]  # graph set -> stage ("embed", "block0", "output") -> graph
     source_path: str  # where the checkpoint was read from (informational)
@@ -87,6 +119,36 @@ class Manifest(BaseModel):
     graphs_fingerprint: str  # sha256 over every graph and weight byte written
     tokenizer_files: list[str]
     nonstandard_ops: list[str] = []  # "domain:Op" outside the default ONNX domain (int8/int4: MatMulNBits)
+    # every graph and weights file written, by path in the onnx_dir ({} in manifests written before: unchecked)
+    files: dict[InsidePath, WrittenFile] = {}
+
+    @model_validator(mode="after")
+    def _consistent(self):
+        """Values a run relies on: one line naming the first that cannot be right."""
+        T, C = self.max_input_len, self.max_cache_len
+        if C < T:
+            raise ValueError(f"max_cache_len {C} is smaller than max_input_len {T}")
+        if self.cache_windows and (self.cache_windows != sorted(set(self.cache_windows))
+                                   or self.cache_windows[0] < 1 or self.cache_windows[-1] != C):
+            raise ValueError(f"cache_windows {self.cache_windows} must ascend from >= 1 to max_cache_len {C}")
+        if not (math.isfinite(self.mask_value) and self.mask_value <= MASK_VALUE_MAX):
+            raise ValueError(f"mask_value {self.mask_value} must be finite and <= {MASK_VALUE_MAX:g}, far below "
+                             "any attention score")
+        if not self.blocks:
+            raise ValueError("blocks is empty; the graphs need at least one decoder block")
+        layer = 0
+        for i, b in enumerate(self.blocks):
+            if b.index != i or b.layer_start != layer or b.layer_end <= b.layer_start:
+                raise ValueError(f"blocks[{i}] (index {b.index}, layers {b.layer_start}..{b.layer_end}) does not "
+                                 f"continue the blocks before it (block {i} from layer {layer})")
+            layer = b.layer_end
+        if layer != self.model.num_layers:
+            raise ValueError(f"blocks cover layers 0..{layer}, the model has {self.model.num_layers}")
+        for name in ("prefill", "decode"):
+            missing = [s for s in self.stage_names() if s not in self.graphs.get(name, {})]
+            if missing:
+                raise ValueError(f"graphs[{name!r}] has no {missing[0]} graph")
+        return self
 
     def windows(self) -> list[int]:
         return self.cache_windows or [self.max_cache_len]

@@ -43,6 +43,11 @@ class RunSettings(Strict):
 class StageRecord(Strict):
     seconds: float  # wall time of the stage's own work (load, compute, write)
     inputs_digest: str  # md5 of the input tensors: a finished stage with the same inputs is not redone
+    # what the stage wrote, checked before its work is trusted again: file (relative to the step folder) ->
+    # sha1 of its bytes; "meta.json" -> digest of the step fields token_embed wrote (a hand edit shows)
+    outputs: dict[str, str] = {}
+    # block stages: sha1 of the K and V cache slots [past_len, next_past_len) the block wrote
+    cache_digest: str = ""
 
 
 class StepMeta(Strict):

@@ -35,10 +35,13 @@ def main(argv=None):
         past_key, past_value = kv.past(a.block)
     else:
         raise StagepipeError("give --kv_dir (the run's kv_cache folder) or --past_key/--past_value")
-    meta = block(backend, step_paths(a), a.block, past_key, past_value, a.hidden_in, a.hidden_out)
+    skipped = []
+    meta = block(backend, step_paths(a), a.block, past_key, past_value, a.hidden_in, a.hidden_out,
+                 on_skip=skipped.append)
     past_key.flush()
     past_value.flush()
-    print(f"{a.step_dir}: block {a.block} done, cache slots {meta.past_len}..{meta.next_past_len - 1} written")
+    print(skipped[0] if skipped else f"{a.step_dir}: block {a.block} done, cache slots {meta.past_len}.."
+                                     f"{meta.next_past_len - 1} written")
 
 
 if __name__ == "__main__":

@@ -23,8 +23,12 @@ def main(argv=None):
     paths = step_paths(a, logits=a.logits, next_token_file=a.next_token_file)
     sampling = sampling_from_args(a, base=load_meta(paths.meta).sampling)
     tok = load_optional_tokenizer(a.onnx_dir)
-    meta = output(backend, paths, sampling, a.hidden_in, tok.token_text if tok else None, a.full_logits)
-    if meta.next_token_id is None:
+    skipped = []
+    meta = output(backend, paths, sampling, a.hidden_in, tok.token_text if tok else None, a.full_logits,
+                  on_skip=skipped.append)
+    if skipped:
+        print(skipped[0])
+    elif meta.next_token_id is None:
         print(f"{a.step_dir}: logits written (prompt chunk: the next step takes more prompt tokens)")
     else:
         shown = tok.token_text(meta.next_token_id) if tok else ""

@@ -9,6 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.core.errors import StagepipeError, cli_entry
+from pipeline.core.options import utf8_text
 from pipeline.core.layout import NEXT_TOKEN_ID, step_name
 from pipeline.runtime.stage_ops import token_embed
 from pipeline.core.tensors import parse_token_ids
@@ -40,8 +41,12 @@ def sampling_from_args(a, base: SamplingSettings | None = None) -> SamplingSetti
 def prompt_text(value: str) -> str:
     path = Path(value)
     if len(value) < 4096 and path.is_file():
-        return path.read_text()
-    return value
+        try:
+            return path.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise StagepipeError(f"{path}: the prompt file is not UTF-8 text (byte {e.start}); save it as UTF-8") \
+                from None
+    return utf8_text(value, "--prompt")
 
 
 @cli_entry
@@ -90,9 +95,11 @@ def main(argv=None):
         if step < 1 or not prev.is_dir():
             raise StagepipeError(f"--past_len {a.past_len} > 0: give --after_step (the step before this one); "
                                  f"{prev} is not there")
+    skipped = []
     meta = token_embed(backend, step_paths(a, input_ids=a.input_ids), step, a.past_len, chunk, sampling,
-                       sample_next, a.hidden_out, prev_step_dir=prev)
-    print(f"{a.step_dir}: {meta.mode} step {meta.step}, past_len {meta.past_len}, {meta.q_len} tokens")
+                       sample_next, a.hidden_out, prev_step_dir=prev, on_skip=skipped.append)
+    print(skipped[0] if skipped else f"{a.step_dir}: {meta.mode} step {meta.step}, past_len {meta.past_len}, "
+                                     f"{meta.q_len} tokens")
 
 
 if __name__ == "__main__":

@@ -4,7 +4,10 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from pipeline.core.errors import StagepipeError
+from pipeline.core.jsonfile import validation_text
 from schemas.manifest import ModelConfig
 
 SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM")
@@ -83,6 +86,8 @@ def load_model_config(model_dir: Path) -> ModelConfig:
         )
     except KeyError as e:
         raise StagepipeError(f"{where}: required field {e} is missing") from None
+    except ValidationError as e:
+        raise StagepipeError(f"{where}: {validation_text(e)}") from None
     except (TypeError, ValueError) as e:
         raise StagepipeError(f"{where}: a field has an invalid value ({e})") from None
     if heads % kv_heads:

@@ -30,18 +30,26 @@ class WeightStore:
         self.directory = Path(directory)
         self.written: dict[str, TensorProto] = {}
         self.hasher = hashlib.sha256()
+        self.file_digests: dict[str, str] = {}  # file name -> sha256 of all its bytes (padding included)
         self._file = None
         self._file_name = None
+        self._file_hash = None
 
     def open(self, file_name: str):
         self.close()
         self._file_name = file_name
         self._file = open(self.directory / file_name, "wb")
+        self._file_hash = hashlib.sha256()
 
     def close(self):
         if self._file is not None:
             self._file.close()
             self._file = None
+            self.file_digests[self._file_name] = self._file_hash.hexdigest()
+
+    def _write(self, data: bytes):
+        self._file.write(data)
+        self._file_hash.update(data)
 
     def add(self, key: str, shape: tuple[int, ...], dtype, chunks: Callable[[], Iterator[np.ndarray]]) -> TensorProto:
         """Store a tensor produced chunk by chunk (so a 600 MB table never needs 2x memory). Idempotent per key."""
@@ -53,13 +61,13 @@ class WeightStore:
         offset = f.tell()
         pad = -offset % ALIGN
         if pad:
-            f.write(b"\0" * pad)
+            self._write(b"\0" * pad)
             offset += pad
         length = 0
         for chunk in chunks():
             data = np.ascontiguousarray(chunk, dtype=dtype).tobytes()
             self.hasher.update(data)
-            f.write(data)
+            self._write(data)
             length += len(data)
         expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
         assert length == expected, f"{key}: wrote {length} bytes, expected {expected}"

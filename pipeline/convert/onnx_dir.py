@@ -1,10 +1,13 @@
 """Write an onnx_dir: the converter's whole job, from a checkpoint to manifest.json and the graphs, without torch.
 
-The folder is built beside its target and renamed into place at the end, so it is never half-written."""
+The folder is built beside its target and renamed into place at the end, so it is never half-written; the
+hidden folders a killed conversion leaves there are removed by the next one. The manifest records every file
+written (size, mtime, sha256), so that a run can check the graphs it opens (pipeline.runtime.graph_files)."""
 from __future__ import annotations
 
 import hashlib
 import os
+import re
 import shutil
 import time
 from pathlib import Path
@@ -23,7 +26,7 @@ from pipeline.core.atomic import write_text
 from pipeline.core.errors import StagepipeError
 from pipeline.core.layout import (GENERATION_CONFIG, MANIFEST, MODEL_CONFIG, MODES, TOKENIZER_FILES, graph_file,
                                   graph_set, weights_file)
-from schemas.manifest import BlockSpec, GraphSpec, Manifest, TensorSpec
+from schemas.manifest import BlockSpec, GraphSpec, Manifest, TensorSpec, WrittenFile
 
 MASK_VALUE = -10000.0  # finite: fits float16 and keeps a fully masked softmax row finite
 
@@ -76,7 +79,10 @@ def convert_with(options: ConvertOptions, log=print) -> Manifest:
                              "choose an empty or new folder")
 
     started = time.perf_counter()
+    if onnx_dir.is_symlink():  # the link stays; the folder it points to is replaced
+        onnx_dir = onnx_dir.resolve()
     onnx_dir.parent.mkdir(parents=True, exist_ok=True)
+    remove_leftovers(onnx_dir, log)
     tmp = onnx_dir.parent / f".{onnx_dir.name}.converting-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
@@ -112,6 +118,7 @@ def _write_onnx_dir(config, ranges, weights, out: Path, o: ConvertOptions, log) 
 
     graphs: dict[str, dict[str, GraphSpec]] = {name: {} for name, *_ in graph_sets}
     graph_hash = hashlib.sha256()
+    written: dict[str, str] = {}  # file in the onnx_dir -> sha256
     nonstandard: set[str] = set()
     sets_of = {stage: [gs for gs in graph_sets if stage.startswith("block") or gs[0] == gs[1]] for stage in builders}
     total, done = sum(map(len, sets_of.values())), 0
@@ -125,12 +132,15 @@ def _write_onnx_dir(config, ranges, weights, out: Path, o: ConvertOptions, log) 
             data = model.SerializeToString()
             (out / rel).write_bytes(data)
             graph_hash.update(data)
+            written[rel] = hashlib.sha256(data).hexdigest()
             graphs[name][stage] = _graph_spec(model, rel)
             nonstandard |= {f"{n.domain}:{n.op_type}" for n in model.graph.node if n.domain not in ("", "ai.onnx")}
             done += 1
             log(f"[{done}/{total}] {rel} ({time.perf_counter() - t0:.1f}s)")
         store.close()
         _share_weights(out / weights_file(MODES[0], stage), out / weights_file(MODES[1], stage), o.copy_weights)
+        for mode in MODES:
+            written[weights_file(mode, stage)] = store.file_digests[Path(weights_file(MODES[0], stage)).name]
     graph_hash.update(store.hasher.digest())
 
     copied = []
@@ -148,9 +158,45 @@ def _write_onnx_dir(config, ranges, weights, out: Path, o: ConvertOptions, log) 
         graphs=graphs, source_path=str(model_path.resolve()), source_files=source_stat(files),
         source_fingerprint=source_fingerprint(files), graphs_fingerprint=graph_hash.hexdigest(),
         tokenizer_files=[n for n in copied if n in TOKENIZER_FILES],
-        nonstandard_ops=sorted(nonstandard))
+        nonstandard_ops=sorted(nonstandard), files=_file_records(out, written))
     write_text(out / MANIFEST, manifest.model_dump_json(indent=2) + "\n")
     return manifest
+
+
+def _file_records(out: Path, digests: dict[str, str]) -> dict[str, WrittenFile]:
+    records = {}
+    for rel, sha in sorted(digests.items()):
+        st = (out / rel).stat()
+        records[rel] = WrittenFile(size=st.st_size, mtime_ns=st.st_mtime_ns, sha256=sha)
+    return records
+
+
+_LEFTOVER = r"\.{name}\.(?:converting|old)-(\d+)"
+
+
+def remove_leftovers(onnx_dir: Path, log=print):
+    """Remove the hidden folders conversions of onnx_dir left beside it when killed (.NAME.converting-PID,
+    .NAME.old-PID), once the process that made them is gone."""
+    pattern = re.compile(_LEFTOVER.format(name=re.escape(onnx_dir.name)))
+    if not onnx_dir.parent.is_dir():
+        return
+    for path in onnx_dir.parent.iterdir():
+        found = pattern.fullmatch(path.name)
+        if found and path.is_dir() and not path.is_symlink() and not _process_alive(int(found.group(1))):
+            shutil.rmtree(path, ignore_errors=True)
+            log(f"removed {path}, left by an interrupted conversion")
+
+
+def _process_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return False  # this process's own leftover, from an earlier conversion that failed
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True  # another user's process
+    return True
 
 
 def _replace_dir(new: Path, target: Path):

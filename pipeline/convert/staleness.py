@@ -20,6 +20,8 @@ def staleness(onnx_dir: Path, model_path: Path, wanted: dict) -> str | None:
             return f"{key} is {getattr(manifest, key)}, {value} requested"
     if manifest.graph_format < GRAPH_FORMAT:
         return f"graphs made by an older stagepipe (graph format {manifest.graph_format}, now {GRAPH_FORMAT})"
+    if not manifest.files:
+        return "made by an older stagepipe, without the file records a run checks the graphs against"
     if Path(manifest.source_path) != model_path.resolve():
         return f"converted from {manifest.source_path}"
     files = [model_path / name for name in manifest.source_files]

@@ -1,5 +1,6 @@
 """Atomic file writes: write to a temporary sibling, then rename over the target (a killed process never leaves
-a half file)."""
+a half file). A rename replaces a symbolic link at the target instead of writing through it; an OSError names
+the file it was about."""
 from __future__ import annotations
 
 import contextlib
@@ -11,6 +12,9 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+
+from pipeline.core.errors import with_filename
+from pipeline.core.tensors import file_digest, npy_header
 
 
 _UMASK = os.umask(0)
@@ -59,7 +63,10 @@ def replace_file(tmp, path):
 
 def _temp_sibling(path: Path) -> tuple[int, str]:
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    except OSError as e:
+        raise with_filename(e, path) from None
     os.fchmod(fd, 0o666 & ~_UMASK)  # mkstemp makes 0600 files; give them the usual permissions
     return fd, tmp
 
@@ -76,9 +83,11 @@ def atomic_open(path):
         with os.fdopen(fd, "wb") as f:
             yield f
         replace_file(tmp, path)
-    except BaseException:
+    except BaseException as e:
         with contextlib.suppress(FileNotFoundError):
             os.unlink(tmp)
+        if isinstance(e, OSError):
+            raise with_filename(e, path) from None
         raise
 
 
@@ -123,7 +132,7 @@ def rewrite_text(path, text: str, keep_spare: bool = True):
     if _renameat2 is None or not path.exists():
         return write_bytes(path, data)
     try:
-        fd = os.open(spare, os.O_WRONLY | os.O_CREAT, 0o666)  # no O_TRUNC: see atomic_open
+        fd = os.open(spare, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o666)  # no O_TRUNC: see atomic_open
         try:
             view = memoryview(data)
             while view:
@@ -143,6 +152,31 @@ def write_json(path, obj):
     write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
 
 
-def write_npy(path, array: np.ndarray):
+def write_npy(path, array: np.ndarray) -> str:
+    """np.save's bytes, written atomically; -> their digest (tensors.file_digest), for the stage's record."""
+    arr = np.ascontiguousarray(array)
+    header, data = npy_header(arr.shape, arr.dtype), memoryview(arr).cast("B") if arr.size else b""
     with atomic_open(path) as f:
-        np.save(f, np.asarray(array))
+        f.write(header)
+        f.write(data)
+    return file_digest(header, data)
+
+
+def fsync_path(path):
+    """Make a file's content (or a folder's entries) durable."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)
+    try:
+        os.fsync(fd)
+    except OSError as e:
+        raise with_filename(e, path) from None
+    finally:
+        os.close(fd)
+
+
+def fsync_folder(folder):
+    """fsync every regular file in `folder`, then the folder itself (so renames into it are durable too)."""
+    with os.scandir(folder) as entries:
+        for entry in entries:
+            if entry.is_file(follow_symlinks=False):
+                fsync_path(entry.path)
+    fsync_path(folder)

@@ -9,6 +9,15 @@ from pydantic import BaseModel, ValidationError
 from pipeline.core.errors import StagepipeError
 
 
+def validation_text(e: ValidationError) -> str:
+    """A pydantic error in one line: the first field named, its reason, how many more."""
+    err = e.errors()[0]
+    field = ".".join(str(x) for x in err["loc"])
+    msg = err["msg"].removeprefix("Value error, ")
+    more = f" (and {len(e.errors()) - 1} more problems)" if len(e.errors()) > 1 else ""
+    return f"{f'field {field!r}: ' if field else ''}{msg}{more}"
+
+
 def load_model_file(path: Path, model: type[BaseModel]):
     path = Path(path)
     try:
@@ -16,10 +25,7 @@ def load_model_file(path: Path, model: type[BaseModel]):
     except FileNotFoundError:
         raise StagepipeError(f"{path}: not found") from None
     except ValidationError as e:
-        err = e.errors()[0]
-        field = ".".join(str(x) for x in err["loc"]) or "(file)"
-        more = f" (and {len(e.errors()) - 1} more problems)" if len(e.errors()) > 1 else ""
-        raise StagepipeError(f"{path}: field '{field}': {err['msg']}{more}; fix or regenerate the file") from None
+        raise StagepipeError(f"{path}: {validation_text(e)}; fix or regenerate the file") from None
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
         raise StagepipeError(f"{path}: cannot read ({e})") from None
 

@@ -1,17 +1,25 @@
 """doit as run_auto's engine: the per-run task graph executes through doit's API with its record inside the run
-folder, so runs side by side never share state and nothing parses doit's command line."""
+folder, so runs side by side never share state and nothing parses doit's command line.
+
+The record is crash-safe: doit's json backend rewrites its file in place, so a kill or a full disk during that
+write left it empty and every later run died on it. Here it is written atomically (a whole new file renamed
+over the old), and a record that cannot be read anyway is discarded with a one-line notice: the stages' own
+records (input and output digests in each meta.json) decide what is done, doit's record only saves checking.
+"""
 from __future__ import annotations
 
 import os
+import sys
 
 from doit.cmd_base import ModuleTaskLoader
-from doit.dependency import MD5Checker
+from doit.dependency import JsonDB, MD5Checker
 from doit.doit_cmd import DoitMain
 from doit.exceptions import TaskFailed
 from doit.reporter import ConsoleReporter
 
 from pipeline.core import layout
-from pipeline.core.errors import StagepipeError
+from pipeline.core.atomic import write_text
+from pipeline.core.errors import StagepipeError, os_error_text
 
 
 class TolerantMD5Checker(MD5Checker):
@@ -22,6 +30,35 @@ class TolerantMD5Checker(MD5Checker):
         if not os.path.exists(dep):
             return None
         return super().get_state(dep, current_state)
+
+
+class AtomicJsonDB(JsonDB):
+    """doit's json backend, written atomically; an unreadable file is discarded with a one-line notice."""
+
+    desc = "json, written atomically"
+
+    def _load(self):
+        try:
+            db = super()._load()
+            if isinstance(db, dict) and all(isinstance(v, dict) for v in db.values()):
+                return db
+            reason = "not a record of tasks"
+        except Exception as e:  # doit's DatabaseException, a decoding error, an unreadable file
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        print(f"note: {self.name}: doit's record is unreadable ({reason}); discarded: the steps' own records "
+              "decide what is done", file=sys.stderr)
+        return {}
+
+    def dump(self):
+        try:
+            write_text(self.name, self.codec.encode(self._db))
+        except OSError as e:  # a full disk: losing doit's shortcut is safe, a traceback is not
+            print(f"note: could not save doit's record ({os_error_text(e)}); the next run checks the steps' own "
+                  "records instead", file=sys.stderr)
+
+
+RECORD_BACKEND = "atomic_json"
+PLUGINS = {"BACKEND": {RECORD_BACKEND: f"{__name__}:AtomicJsonDB"}}
 
 
 class QuietReporter(ConsoleReporter):
@@ -45,8 +82,9 @@ class QuietReporter(ConsoleReporter):
 
 
 class Guard:
-    """Makes doit python-actions that turn StagepipeError into a one-line task failure instead of a traceback,
-    and remembers that the failure was the user's input (exit code 2), not a bug."""
+    """Makes doit python-actions that turn StagepipeError or a refused file operation (a full disk, ...) into a
+    one-line task failure instead of a traceback, and remembers that the failure was the user's input or
+    system (exit code 2), not a bug."""
 
     def __init__(self):
         self.input_error = False
@@ -58,6 +96,9 @@ class Guard:
             except StagepipeError as e:
                 self.input_error = True
                 return TaskFailed(str(e))
+            except OSError as e:
+                self.input_error = True
+                return TaskFailed(os_error_text(e))
 
         action.__name__ = getattr(fn, "__name__", "action")
         return (action, [], {})
@@ -70,8 +111,8 @@ def run_task_graph(run) -> int:
     def task_run_auto():
         yield from run.tasks(guard)
 
-    config = {"dep_file": str(run.dir / layout.DOIT_DB), "backend": "json", "reporter": QuietReporter,
+    config = {"dep_file": str(run.dir / layout.DOIT_DB), "backend": RECORD_BACKEND, "reporter": QuietReporter,
               "check_file_uptodate": TolerantMD5Checker, "verbosity": 2}
     code = DoitMain(ModuleTaskLoader({"task_run_auto": task_run_auto, "DOIT_CONFIG": config}),
-                    config_filenames=()).run([])
+                    config_filenames=(), extra_config=PLUGINS).run([])
     return 0 if code == 0 else (2 if guard.input_error else 1)

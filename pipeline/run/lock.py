@@ -5,7 +5,7 @@ import fcntl
 import os
 from pathlib import Path
 
-from pipeline.core.errors import StagepipeError
+from pipeline.core.errors import StagepipeError, with_filename
 from pipeline.core.layout import LOCK_FILE
 
 _held: dict[Path, int] = {}
@@ -15,9 +15,14 @@ def lock_run_dir(run_dir: Path):
     run_dir = Path(run_dir).resolve()
     if run_dir in _held:
         return
+    if run_dir.exists() and not run_dir.is_dir():
+        raise StagepipeError(f"--run_root {run_dir}: is a file, not a folder; choose another --run_root")
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / LOCK_FILE
-    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:  # never through a link: the lock is written (the owner's pid)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+    except OSError as e:
+        raise with_filename(e, path) from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -1,15 +1,14 @@
 """run_auto as one call: resolve the model, reconcile the run folder, execute the step tasks. `doit run_auto`
-calls it; so can any Python code. Exit codes: 0 ok, 1 a task failed, 2 bad input or a damaged folder, 130
-interrupted."""
+calls it; so can any Python code. Exit codes (pipeline.core.errors): 0 ok, 1 a task failed unexpectedly, 2 bad
+input, a damaged folder or a file the system refused (full disk, ...), 130 interrupted."""
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-from pipeline.core.errors import StagepipeError
+from pipeline.core.errors import INTERRUPTED, StagepipeError, os_error_text
+from pipeline.run.interrupts import interruptible
 from pipeline.run.options import RunOptions
-
-INTERRUPTED = "interrupted: finished work is saved; run the same command to resume"
 
 
 def open_run(options: RunOptions, log=print):
@@ -27,14 +26,18 @@ def run_auto(options: RunOptions) -> int:
     from pipeline.run.doit_support import run_task_graph
 
     try:
-        run = open_run(options)
-        run.prepare()
-        return run_task_graph(run)
+        with interruptible():
+            run = open_run(options)
+            run.prepare()
+            return run_task_graph(run)
     except StagepipeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except OSError as e:
+        print(f"error: {os_error_text(e)}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
-        print(f"\n{INTERRUPTED}", file=sys.stderr)
+        print(f"\n{INTERRUPTED}", file=sys.stderr, flush=True)
         return 130
 
 
@@ -42,6 +45,11 @@ def run_auto_action(**params):
     """doit action for `doit run_auto`: the process exits with run_auto's code."""
     from pipeline.core.options import from_values
 
-    code = run_auto(from_values(RunOptions, params))
+    try:
+        options = from_values(RunOptions, params)
+    except StagepipeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        sys.exit(2)
+    code = run_auto(options)
     if code:
         sys.exit(code)

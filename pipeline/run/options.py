@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from pipeline.core.options import option
+from pipeline.core.options import option, utf8_text
 from schemas.run import SamplingSettings
 
 DEFAULT_PROMPT = "Give me a short introduction to large language models."
@@ -32,6 +32,7 @@ class RunOptions:
     clean: bool = option(False, "start the run folder over")
     reset_kv: bool = option(False, "new KV cache, recompute all steps")
     full_logits: bool = option(False, "prefill steps keep logits for all T rows (default: the last real row only)")
+    fsync: bool = option(False, "make each finished step durable (fsync its files, the KV cache and the folders)")
 
     def sampling(self) -> SamplingSettings:
         sampled = bool(self.temperature or self.top_k or self.top_p)
@@ -39,4 +40,5 @@ class RunOptions:
                                 top_k=self.top_k, top_p=self.top_p or 1.0, seed=self.seed)
 
     def prompt_text(self) -> str:
-        return self.prompt or DEFAULT_PROMPT
+        return utf8_text(self.prompt or DEFAULT_PROMPT, "--prompt")
+

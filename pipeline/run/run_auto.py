@@ -13,11 +13,12 @@ from pathlib import Path
 from doit.tools import config_changed
 
 from pipeline.core import layout
-from pipeline.core.atomic import write_text
+from pipeline.core.atomic import fsync_folder, fsync_path, write_text
 from pipeline.core.errors import StagepipeError
 from pipeline.core.jsonfile import load_manifest, load_model_file
 from pipeline.core.layout import StepPaths, read_token_file, step_name
 from pipeline.run.lock import lock_run_dir
+from pipeline.run import verify
 from pipeline.run.options import RunOptions
 from pipeline.runtime import stage_ops
 from pipeline.runtime.backends import make_backend
@@ -79,6 +80,7 @@ class Run:
         self._backend = None
         self._kv = None
         self._stopped: dict[int, bool] = {}
+        self.redo: set[tuple[int, str]] = set()  # (step, stage) whose recorded work does not hold (verify)
 
     # -- helpers -------------------------------------------------------------------------------------------------
     def step_dir(self, s: int) -> Path:
@@ -119,14 +121,14 @@ class Run:
     def prepare(self):
         """Lock the folder, reconcile run.json with these settings, apply --clean / --from_step / --reset_kv."""
         lock_run_dir(self.dir)
-        for stale in self.dir.glob("**/.*.tmp"):  # a write cut short by a crash (kill -9) leaves its temp file
-            stale.unlink(missing_ok=True)
         o = self.options
         run_json = self.dir / layout.RUN_JSON
         if o.clean:
             for child in self.dir.iterdir():
                 if child.name != layout.LOCK_FILE and not child.name.startswith(layout.DOIT_DB):
-                    shutil.rmtree(child) if child.is_dir() else child.unlink()
+                    shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
+        verify.refuse_links(self.dir)
+        verify.remove_temp_files(self.dir)  # a write cut short by a crash (kill -9) leaves its temp file
         from_step = 0 if o.reset_kv else (None if o.from_step < 0 else o.from_step)
         if run_json.exists():
             changed = changed_settings(load_model_file(run_json, RunSettings), self.settings)
@@ -143,7 +145,10 @@ class Run:
         if o.reset_kv:
             KVCacheDir(self.dir / layout.KV_DIR, self.manifest).open(create=True, reset=True)
         write_text(run_json, self.settings.model_dump_json(indent=2) + "\n")
+        if o.fsync:
+            fsync_path(run_json)
         self.kv  # create or check the cache now, before any step runs
+        self.redo = verify.stages_to_redo(self)  # finished steps are checked before they are trusted
         if hasattr(self.backend, "open_all"):
             # sessions up front: step timings (TTFT, tokens/s) measure compute only
             self.backend.open_all(max_tokens=len(self.settings.prompt_token_ids) + self.n_steps - len(self.chunks))
@@ -169,6 +174,10 @@ class Run:
             return
         meta = stage_ops.output(self.backend, StepPaths(self.step_dir(s)), None, None, self.tokenizer.token_text,
                                 self.options.full_logits)
+        if self.options.fsync:  # the finished step survives a power loss
+            self.kv.sync()
+            fsync_folder(self.step_dir(s))
+            fsync_path(self.dir)
         if meta.next_token_id is not None:
             if s == len(self.chunks) - 1:
                 print(self.settings.prompt, end="", flush=True)
@@ -195,6 +204,9 @@ class Run:
         for s in range(self.n_steps):
             d, name = self.step_dir(s), step_name(s)
             stopped = (lambda s=s: False if self.stopped_before(s) else None,)
+
+            def redo(stage, s=s):  # doit runs a stage whose recorded work verify found not to hold
+                return lambda: False if (s, stage) in self.redo else None
             # the previous step's last hidden states stand for the cache content (stage_ops.history_of)
             history = [str(stage_ops.final_hidden(self.step_dir(s - 1), m))] if s else []
             deps = list(history)
@@ -203,19 +215,20 @@ class Run:
             step_config = {"tokens": self.chunks[s] if s < n else "previous", "past_len": self.past_len(s),
                            "onnx": m.graphs_fingerprint, "backend": self.options.backend}
             yield {"basename": basename, "name": f"{name}:embed", "actions": [guard(self.embed, s)],
-                   "file_dep": deps, "verbosity": 2, "uptodate": [*stopped, config_changed(step_config)],
+                   "file_dep": deps, "verbosity": 2, "uptodate": [*stopped, redo("embed"), config_changed(step_config)],
                    "targets": [str(d / f) for f in (*layout.INPUT_FILES, layout.hidden_file(0), layout.META)]}
             for k in range(blocks):
                 yield {"basename": basename, "name": f"{name}:block{k}", "actions": [guard(self.block, s, k)],
                        "file_dep": [str(d / layout.hidden_file(k)), str(d / layout.ATTENTION_MASK),
                                     str(d / layout.POSITION_IDS), *history],
-                       "targets": [str(d / layout.hidden_file(k + 1))], "uptodate": [*stopped], "verbosity": 2}
+                       "targets": [str(d / layout.hidden_file(k + 1))], "uptodate": [*stopped, redo(f"block{k}")],
+                       "verbosity": 2}
             targets = [str(d / layout.LOGITS)]
             if s >= n - 1:
                 targets += [str(d / layout.NEXT_TOKEN_ID), str(d / layout.NEXT_TOKEN_TEXT)]
             yield {"basename": basename, "name": f"{name}:output", "actions": [guard(self.output, s)],
                    "file_dep": [str(d / layout.hidden_file(blocks)), *history], "targets": targets,
-                   "uptodate": [*stopped], "verbosity": 2}
+                   "uptodate": [*stopped, redo("output")], "verbosity": 2}
             outputs.append(f"{basename}:{name}:output")
         yield {"basename": basename, "name": "summary", "actions": [guard(self.summarize)], "task_dep": outputs,
                "uptodate": [False], "verbosity": 2}

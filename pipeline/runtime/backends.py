@@ -15,6 +15,7 @@ import numpy as np
 from pipeline.core.errors import StagepipeError
 from pipeline.core.jsonfile import load_manifest
 from pipeline.core.layout import graph_set, graph_set_window
+from pipeline.runtime.graph_files import GraphFiles
 from pipeline.runtime.plan import hidden_dtype, window_for
 from schemas.manifest import Manifest
 
@@ -76,6 +77,7 @@ class OnnxBackend(Backend):
         self.process_pool = process_pool  # see use_process_thread_pool
         self._sessions = {}
         self._weights = SharedWeights()
+        self._files = GraphFiles(self.onnx_dir, self.manifest)
 
     def open_all(self, max_tokens: int | None = None):
         """Create now the sessions a run that fills up to max_tokens cache slots uses (every graph's when None),
@@ -110,7 +112,10 @@ class OnnxBackend(Backend):
             on_process_pool = self.process_pool and cpu and use_process_thread_pool(opts, self.threads)
             if self.threads and not on_process_pool:
                 opts.intra_op_num_threads = self.threads
-            path = self.onnx_dir / self.manifest.graphs[mode][stage].file
+            spec = self.manifest.graphs[mode][stage]
+            for rel in (spec.file, *spec.weights_files):  # the files the converter wrote, unchanged
+                self._files.check(rel)
+            path = self.onnx_dir / spec.file
             try:
                 if share:
                     for name, value in self._weights.initializers(path):

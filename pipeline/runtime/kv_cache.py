@@ -2,19 +2,26 @@
 
 Files are memory-mapped: a step reads them in place and writes only its own slots [past_len, past_len+q_len),
 so a decode step never loads or rewrites whole files. cache.json binds the files to the graphs that filled
-them; a cache from other graphs is refused, never silently replaced.
+them; a cache from other graphs is refused, never silently replaced. Files are allocated in full when created
+(no sparse holes: a full disk is one error line up front, never a SIGBUS mid-step), a file of another size than
+its header says is refused (never resized), and a symbolic link in place of a file is refused (writes never
+leave the folder). Each block stage records a digest of the slots it wrote (slots_digest), so a damaged cache
+is found before it is trusted.
 """
 from __future__ import annotations
 
+import errno
+import os
 import shutil
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.core.atomic import atomic_write_path, write_text
-from pipeline.core.errors import StagepipeError
-from pipeline.core.layout import CACHE_JSON, KV_KINDS, kv_file
+from pipeline.core.atomic import atomic_open, fsync_path, write_text
+from pipeline.core.errors import StagepipeError, with_filename
 from pipeline.core.jsonfile import load_model_file
+from pipeline.core.layout import CACHE_JSON, KV_KINDS, kv_file
+from pipeline.core.tensors import file_digest, npy_header
 from schemas.manifest import Manifest
 from schemas.run import CacheRecord
 
@@ -37,7 +44,11 @@ class KVCacheDir:
         return self.dir / kv_file(kind, k)
 
     def open(self, create: bool = False, reset: bool = False) -> "KVCacheDir":
-        """Check (or create) the cache. reset=True throws away a cache made for other graphs."""
+        """Check (or create) the cache. reset=True throws away a cache made for other graphs.
+
+        Without cache.json (a new cache, or the record lost) files that are missing or unusable are created
+        zeroed; files that open with the right shape and dtype are kept: the steps' slot digests tell whether
+        they still hold the run (pipeline.run.verify)."""
         record_path = self.dir / CACHE_JSON
         if reset and self.dir.exists():
             shutil.rmtree(self.dir)
@@ -48,22 +59,27 @@ class KVCacheDir:
                         else f"another shape/dtype (C={found.max_cache_len}, {found.kv_dtype})")
                 raise StagepipeError(f"{self.dir}: this KV cache was filled by {what}; use --reset_kv to start a new "
                                      "cache (the run's steps are then recomputed) or another run folder")
+            for k in range(len(self.manifest.blocks)):
+                for kind in KV_KINDS:
+                    if not os.path.lexists(self.path(kind, k)):  # lost: a zeroed file, the steps recomputed
+                        create_cache_file(self.path(kind, k), block_shape(self.manifest, k), self.manifest.kv_dtype)
+                    self._map(kind, k)
         elif create:
             self.dir.mkdir(parents=True, exist_ok=True)
             for k in range(len(self.manifest.blocks)):
                 for kind in KV_KINDS:
-                    self._create_file(self.path(kind, k), block_shape(self.manifest, k))
+                    path, shape = self.path(kind, k), block_shape(self.manifest, k)
+                    try:
+                        self._maps[kind, k] = open_cache_file(path, shape, self.manifest.kv_dtype)
+                    except StagepipeError:
+                        if os.path.islink(path):
+                            raise
+                        create_cache_file(path, shape, self.manifest.kv_dtype)
             write_text(record_path, self.record.model_dump_json(indent=2) + "\n")
         else:
             raise StagepipeError(f"{self.dir}: no KV cache here (cache.json missing); run step 0 first or pass the "
                                  "run's kv_cache folder")
         return self
-
-    def _create_file(self, path: Path, shape):
-        with atomic_write_path(path) as tmp:
-            arr = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.dtype(self.manifest.kv_dtype), shape=shape)
-            arr.flush()
-            del arr
 
     def _map(self, kind: str, k: int) -> np.memmap:
         key = (kind, k)
@@ -79,19 +95,63 @@ class KVCacheDir:
         for arr in self._maps.values():
             arr.flush()
 
+    def sync(self):
+        """Make the cache durable: the mapped pages written back (msync), the files and the folder fsynced."""
+        for (kind, k), arr in self._maps.items():
+            arr.flush()
+            fsync_path(self.path(kind, k))
+        fsync_path(self.dir)
 
-def open_cache_file(path: Path, shape, dtype) -> np.memmap:
-    """Memory-map one cache file for reading and writing, checking its shape and dtype."""
-    try:
-        arr = np.load(path, mmap_mode="r+")
+
+def create_cache_file(path: Path, shape, dtype):
+    """A zeroed cache file, every block allocated now: a full disk fails here, not as a SIGBUS when a step
+    writes into a hole of a sparse file."""
+    header = npy_header(shape, dtype)
+    size = len(header) + int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+    with atomic_open(path) as f:
+        f.write(header)
+        f.flush()
+        os.posix_fallocate(f.fileno(), 0, size)
+
+
+def open_cache_file(path: Path, shape, dtype, follow_symlinks: bool = False) -> np.memmap:
+    """Memory-map one cache file for reading and writing, checking its shape, dtype and size (a truncated or
+    extended file is refused, never resized). follow_symlinks=False refuses a link in place of the file."""
+    path = Path(path)
+    fix = "delete it (the steps that filled it are then recomputed) or use --reset_kv"
+    nofollow = 0 if follow_symlinks else os.O_NOFOLLOW
+    try:  # through open() so the map knows its file's name
+        f = open(path, "r+b", opener=lambda name, flags: os.open(name, flags | nofollow))
     except FileNotFoundError:
         raise StagepipeError(f"{path}: KV cache file missing; use --reset_kv to start a new cache") from None
-    except (ValueError, OSError) as e:
-        raise StagepipeError(f"{path}: KV cache file is corrupt ({e}); use --reset_kv to start a new cache") from None
-    if tuple(arr.shape) != tuple(shape) or arr.dtype != np.dtype(dtype):
-        raise StagepipeError(f"{path}: KV cache file has shape {list(arr.shape)} {arr.dtype}, the graphs need "
-                             f"{list(shape)} {np.dtype(dtype)}; use --reset_kv or the matching onnx_dir")
-    return arr
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise StagepipeError(f"{path}: is a symbolic link; KV cache files must be regular files in the cache "
+                                 "folder: remove the link") from None
+        raise with_filename(e, path) from None
+    with f:
+        fd = f.fileno()
+        try:
+            version = np.lib.format.read_magic(f)
+            read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else \
+                np.lib.format.read_array_header_2_0
+            found_shape, fortran, found_dtype = read_header(f)
+        except (ValueError, OSError, EOFError) as e:
+            raise StagepipeError(f"{path}: KV cache file is not a readable .npy ({e}); {fix}") from None
+        if tuple(found_shape) != tuple(shape) or found_dtype != np.dtype(dtype) or fortran:
+            raise StagepipeError(f"{path}: KV cache file has shape {list(found_shape)} {found_dtype}, the graphs need "
+                                 f"{list(shape)} {np.dtype(dtype)}; use --reset_kv or the matching onnx_dir")
+        offset = f.tell()
+        nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
+        size = os.fstat(fd).st_size
+        if size != offset + nbytes:
+            raise StagepipeError(f"{path}: KV cache file has {size} bytes, its header says {offset + nbytes} "
+                                 f"(truncated or damaged); {fix}")
+        try:
+            os.posix_fallocate(fd, offset, nbytes)  # fills the holes of files written sparse by older versions
+        except OSError as e:
+            raise with_filename(e, path) from None
+        return np.memmap(f, dtype=np.dtype(dtype), mode="r+", offset=offset, shape=tuple(shape))
 
 
 def store_slots(cache: np.ndarray, past_len: int, q_len: int, present: np.ndarray):
@@ -99,3 +159,10 @@ def store_slots(cache: np.ndarray, past_len: int, q_len: int, present: np.ndarra
     if past_len + q_len > C:
         raise StagepipeError(f"writing slots {past_len}..{past_len + q_len - 1} would pass the {C}-slot KV cache")
     cache[:, :, :, past_len:past_len + q_len] = present[:, :, :, :q_len]
+
+
+def slots_digest(past_key: np.ndarray, past_value: np.ndarray, past_len: int, q_len: int) -> str:
+    """Digest of the K and V cache slots [past_len, past_len + q_len): what a block stage wrote."""
+    window = slice(past_len, past_len + q_len)
+    return file_digest(np.ascontiguousarray(past_key[:, :, :, window]),
+                       np.ascontiguousarray(past_value[:, :, :, window]))

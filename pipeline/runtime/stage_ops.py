@@ -1,8 +1,10 @@
 """What each stage does to a step folder. Stage CLIs (stages/) and doit (dodo.py) both call these.
 
-A step folder holds meta.json and the step's tensors. Each stage records in meta.json how long it took and
-a digest of its inputs; a stage asked to redo work it already finished on the same inputs returns at once,
-so a rerun (by hand, or after a crash that lost doit's records) is idempotent and cheap.
+A step folder holds meta.json and the step's tensors. Each stage records in meta.json how long it took, a
+digest of its inputs and a digest of every file it wrote (a block also of the KV cache slots it wrote). A stage
+asked to redo work skips it only when its inputs match the record and everything it wrote is still there,
+unchanged (stage_problem); otherwise it does the work again. So a rerun (by hand, or after a crash that lost
+doit's records) is idempotent and cheap, and damage is repaired instead of trusted.
 """
 from __future__ import annotations
 
@@ -14,22 +16,38 @@ import numpy as np
 from pipeline.core.atomic import rewrite_text, write_npy, write_text
 from pipeline.runtime.backends import Backend
 from pipeline.core.errors import StagepipeError
-from pipeline.core.layout import StepPaths, hidden_file, token_file_text
-from pipeline.runtime.kv_cache import store_slots
+from pipeline.core.layout import META, StepPaths, hidden_file, read_token_file, token_file_text
+from pipeline.runtime.kv_cache import slots_digest, store_slots
 from pipeline.runtime.plan import StepPlan, hidden_dtype, plan_inputs, plan_step
 from pipeline.runtime.sampling import check_sampling, sample
-from pipeline.core.tensors import digest, parse_tensor, read_file
+from pipeline.core.tensors import digest, file_digest, parse_tensor, read_file
 from pipeline.core.jsonfile import load_model_file
 from schemas.run import SamplingSettings, StageRecord, StepMeta
+
+# the step fields token_embed decides; a later stage refuses a meta.json whose fields were edited since
+STEP_FIELDS = {"step", "mode", "past_len", "q_len", "next_past_len", "max_input_len", "max_cache_len",
+               "attention_window", "input_token_ids", "onnx_fingerprint", "backend", "sample_next", "history"}
 
 
 def load_meta(path: Path) -> StepMeta:
     return load_model_file(path, StepMeta)
 
 
+def readable_meta(path: Path) -> StepMeta | None:
+    """The step's meta.json, or None when it is missing or unreadable (the step is then done again)."""
+    try:
+        return load_meta(path)
+    except StagepipeError:
+        return None
+
+
 def save_meta(path: Path, meta: StepMeta, last: bool = False):
     """Every stage rewrites meta.json; the output stage, the step's last, passes last=True (atomic.rewrite_text)."""
     rewrite_text(path, meta.model_dump_json(indent=2) + "\n", keep_spare=not last)
+
+
+def step_identity(meta: StepMeta) -> str:
+    return digest(meta.model_dump_json(include=STEP_FIELDS))
 
 
 def final_hidden(step_dir: Path, m) -> Path:
@@ -49,9 +67,69 @@ def history_of(prev_step_dir: Path | None, m) -> str:
     return digest(hidden)
 
 
+def record_key(paths: StepPaths, path: Path) -> str:
+    """How a stage record names a file it wrote: by name inside the step folder, else by its path."""
+    path = Path(path)
+    return path.name if path.parent == paths.step_dir else str(path)
+
+
+def stage_problem(meta: StepMeta, stage: str, paths: StepPaths, past=None, wanted=()) -> str | None:
+    """Why the work `stage` recorded in this step cannot be trusted, or None when everything it wrote still
+    holds: each file it recorded is there with the same bytes, meta.json's step fields are as token_embed wrote
+    them, (blocks, given the cache's (past_key, past_value)) the cache slots hold what the block wrote, and
+    (output) the token files are there. wanted: record keys the caller's outputs must be among."""
+    rec = meta.stages.get(stage)
+    if rec is None:
+        return f"{stage} has not finished"
+    if not rec.outputs:
+        return f"{stage}'s record was written without output digests (an older stagepipe)"
+    missing = [k for k in wanted if k not in rec.outputs]
+    if missing:
+        return f"{stage} wrote other files than {missing[0]}"
+    for key, want in rec.outputs.items():
+        if key == META:
+            if want != step_identity(meta):
+                return f"{paths.meta}: step fields (past_len, q_len, ...) were edited after token_embed wrote them"
+            continue
+        path = paths.step_dir / key
+        try:
+            raw = path.read_bytes()
+        except OSError as e:
+            return f"{path}: {'missing' if isinstance(e, FileNotFoundError) else f'unreadable ({e.strerror})'}"
+        if file_digest(raw) != want:
+            return f"{path}: changed since {stage} wrote it"
+    if past is not None and stage.startswith("block") and \
+            slots_digest(*past, meta.past_len, meta.q_len) != rec.cache_digest:
+        where = Path(past[0].filename).parent if getattr(past[0], "filename", None) else "the KV cache"
+        return f"{where}: slots {meta.past_len}..{meta.next_past_len - 1} no longer hold what {stage} wrote there"
+    if stage == "output" and meta.sample_next:
+        try:
+            read_token_file(paths.next_token_file)
+        except StagepipeError:
+            return f"{paths.next_token_file}: missing or not a token id"
+        if not paths.next_token_text.exists():
+            return f"{paths.next_token_text}: missing"
+    return None
+
+
+def _trusted(meta: StepMeta | None, stage: str, inputs_digest: str, paths: StepPaths, on_skip, done: str,
+             past=None, wanted=()) -> bool:
+    """True when the stage's recorded work holds for these inputs (then on_skip hears why nothing is done)."""
+    rec = meta and meta.stages.get(stage)
+    if not rec or rec.inputs_digest != inputs_digest or stage_problem(meta, stage, paths, past, wanted):
+        return False
+    if on_skip:
+        on_skip(f"{paths.step_dir}: {stage} already done: its inputs and {done} match meta.json's record; nothing "
+                "rewritten (delete a file it wrote to have it redone)")
+    return True
+
+
 def token_embed(backend: Backend, paths: StepPaths, step: int, past_len: int, token_ids: list[int],
                 sampling: SamplingSettings, sample_next: bool = True, hidden_out: Path | None = None,
-                prev_step_dir: Path | None = None) -> StepMeta:
+                prev_step_dir: Path | None = None, on_skip=None) -> StepMeta:
+    """Write the step's inputs, hidden_block0 and a new meta.json. When the step's fields are unchanged the
+    other stages' records are kept: each still holds only if its inputs and outputs do (stage_problem).
+    on_skip(line): told why nothing was redone, when so."""
     started = time.perf_counter()
     m = backend.manifest
     vocab = m.model.vocab_size
@@ -62,28 +140,34 @@ def token_embed(backend: Backend, paths: StepPaths, step: int, past_len: int, to
     hidden_out = Path(hidden_out or paths.hidden(0))
     history = history_of(prev_step_dir, m) if past_len > 0 else ""
     inputs_digest = digest(m.graphs_fingerprint, backend.name, step, past_len, token_ids, history)
-    if paths.meta.exists() and hidden_out.exists():
-        old = load_meta(paths.meta)
-        rec = old.stages.get("embed")
-        if rec and rec.inputs_digest == inputs_digest:  # sampling is the output stage's business
-            return old
-    input_ids, mask, positions = plan_inputs(plan, token_ids, m.mask_value)
-    hidden = backend.embed(input_ids)
-    for path, arr in ((paths.input_ids, input_ids), (paths.attention_mask, mask), (paths.position_ids, positions),
-                      (hidden_out, hidden)):
-        write_npy(path, arr)
     meta = StepMeta(step=step, mode=plan.mode, past_len=past_len, q_len=len(token_ids),
                     next_past_len=plan.next_past_len, max_input_len=m.max_input_len,
                     max_cache_len=m.max_cache_len, attention_window=plan.W, input_token_ids=list(token_ids),
                     onnx_fingerprint=m.graphs_fingerprint, backend=backend.name, sampling=check_sampling(sampling),
                     sample_next=sample_next, history=history)
-    meta.stages["embed"] = StageRecord(seconds=time.perf_counter() - started, inputs_digest=inputs_digest)
+    old = readable_meta(paths.meta)
+    same_step = old is not None and step_identity(old) == step_identity(meta)
+    outputs = (paths.input_ids, paths.attention_mask, paths.position_ids, hidden_out)
+    if same_step and _trusted(old, "embed", inputs_digest, paths, on_skip, "the tensors it wrote",
+                              wanted=[record_key(paths, p) for p in outputs]):
+        return old
+    input_ids, mask, positions = plan_inputs(plan, token_ids, m.mask_value)
+    hidden = backend.embed(input_ids)
+    written = {record_key(paths, path): write_npy(path, arr)
+               for path, arr in zip(outputs, (input_ids, mask, positions, hidden))}
+    written[META] = step_identity(meta)
+    record = StageRecord(seconds=time.perf_counter() - started, inputs_digest=inputs_digest, outputs=written)
+    if same_step:  # the later stages' records stay: each is checked against its own inputs and outputs
+        meta.stages = {"embed": record, **{k: v for k, v in old.stages.items() if k != "embed"}}
+        meta.next_token_id = old.next_token_id
+    else:
+        meta.stages["embed"] = record
     save_meta(paths.meta, meta)
     return meta
 
 
 def block(backend: Backend, paths: StepPaths, k: int, past_key: np.ndarray, past_value: np.ndarray,
-          hidden_in: Path | None = None, hidden_out: Path | None = None) -> StepMeta:
+          hidden_in: Path | None = None, hidden_out: Path | None = None, on_skip=None) -> StepMeta:
     """Run block k; writes its hidden states and the step's new K/V into the cache slots (past_len...)."""
     started = time.perf_counter()
     m = backend.manifest
@@ -97,8 +181,9 @@ def block(backend: Backend, paths: StepPaths, k: int, past_key: np.ndarray, past
            "attention mask": read_file(paths.attention_mask, "attention mask"),
            "position ids": read_file(paths.position_ids, "position ids")}
     inputs_digest = digest(*raw.values(), meta.history)
-    rec = meta.stages.get(name)
-    if rec and rec.inputs_digest == inputs_digest and hidden_out.exists():
+    slots = f"{hidden_out.name} and cache slots {meta.past_len}..{meta.next_past_len - 1}"
+    if _trusted(meta, name, inputs_digest, paths, on_skip, slots, (past_key, past_value),
+                [record_key(paths, hidden_out)]):
         return meta
     plan, H = meta_plan(meta, m, paths.meta), m.model.hidden_size
     T, W = plan.T, plan.W
@@ -108,18 +193,21 @@ def block(backend: Backend, paths: StepPaths, k: int, past_key: np.ndarray, past
     out, present_key, present_value = backend.block(k, hidden, mask, positions, past_key, past_value)
     store_slots(past_key, meta.past_len, meta.q_len, present_key)
     store_slots(past_value, meta.past_len, meta.q_len, present_value)
-    write_npy(hidden_out, out)
-    meta.stages[name] = StageRecord(seconds=time.perf_counter() - started, inputs_digest=inputs_digest)
+    written = {record_key(paths, hidden_out): write_npy(hidden_out, out)}
+    meta.stages[name] = StageRecord(seconds=time.perf_counter() - started, inputs_digest=inputs_digest,
+                                    outputs=written,
+                                    cache_digest=slots_digest(past_key, past_value, meta.past_len, meta.q_len))
     save_meta(paths.meta, meta)
     return meta
 
 
 def output(backend: Backend, paths: StepPaths, sampling: SamplingSettings | None = None,
-           hidden_in: Path | None = None, token_text=None, full_logits: bool = False) -> StepMeta:
+           hidden_in: Path | None = None, token_text=None, full_logits: bool = False, on_skip=None) -> StepMeta:
     """Final norm + lm_head; samples the next token from the last real row (unless a prompt chunk follows).
 
     A prefill step computes logits for its last real row only (through the T=1 graph), as generation needs;
-    full_logits=True runs the prefill graph on all T rows, for comparing every position."""
+    full_logits=True runs the prefill graph on all T rows, for comparing every position. An edited
+    next_token_id.txt is kept as long as the logits hold (that is how a run is steered by hand)."""
     started = time.perf_counter()
     m = backend.manifest
     meta = load_meta(paths.meta)
@@ -129,22 +217,22 @@ def output(backend: Backend, paths: StepPaths, sampling: SamplingSettings | None
     hidden_in = Path(hidden_in or paths.hidden(len(m.blocks)))
     raw = read_file(hidden_in, "hidden states")
     inputs_digest = digest(raw, meta.sampling.model_dump_json(), meta.sample_next, full_logits, meta.history)
-    rec = meta.stages.get("output")
-    done = paths.logits.exists() and (not meta.sample_next or paths.next_token_file.exists())
-    if rec and rec.inputs_digest == inputs_digest and done:
+    done = f"{paths.logits.name}{' and the token files' if meta.sample_next else ''}"
+    if _trusted(meta, "output", inputs_digest, paths, on_skip, done, wanted=[record_key(paths, paths.logits)]):
         return meta
     T, H = meta_plan(meta, m, paths.meta).T, m.model.hidden_size
     hidden = parse_tensor(raw, hidden_in, (1, T, H), hidden_dtype(m), "hidden states")
     last_row = T > 1 and not full_logits
     logits = backend.output(hidden[:, meta.q_len - 1:meta.q_len] if last_row else hidden)
-    write_npy(paths.logits, logits)
+    written = {record_key(paths, paths.logits): write_npy(paths.logits, logits)}
     meta.next_token_id = None
     if meta.sample_next:
         token = sample(logits[0, -1 if last_row else meta.q_len - 1], meta.sampling, meta.step)
         write_text(paths.next_token_file, token_file_text(token))
         write_text(paths.next_token_text, token_text(token) if token_text else f"<{token}>")
         meta.next_token_id = token
-    meta.stages["output"] = StageRecord(seconds=time.perf_counter() - started, inputs_digest=inputs_digest)
+    meta.stages["output"] = StageRecord(seconds=time.perf_counter() - started, inputs_digest=inputs_digest,
+                                        outputs=written)
     save_meta(paths.meta, meta, last=True)
     return meta
 
@@ -165,6 +253,10 @@ def meta_plan(meta: StepMeta, m, where: Path) -> StepPlan:
 
 def _check_meta(meta: StepMeta, backend: Backend, where: Path):
     m = backend.manifest
+    embed = meta.stages.get("embed")
+    if embed and META in embed.outputs and embed.outputs[META] != step_identity(meta):
+        raise StagepipeError(f"{where}: step fields (past_len, q_len, ...) were edited after token_embed wrote them; "
+                             "rerun token_embed for this step")
     if meta.onnx_fingerprint != m.graphs_fingerprint:
         raise StagepipeError(f"{where}: step was made with other graphs (onnx fingerprint differs); rerun "
                              "token_embed for this step with this --onnx_dir")
