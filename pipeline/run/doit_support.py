@@ -63,7 +63,7 @@ PLUGINS = {"BACKEND": {RECORD_BACKEND: f"{__name__}:AtomicJsonDB"}}
 
 class QuietReporter(ConsoleReporter):
     """doit's console reporter without a line per task (each command prints its own output, and JSON output
-    stays pure JSON) and with each failure as one line."""
+    stays pure JSON) and with each failure as one line, on stderr like every other error line."""
 
     def execute_task(self, task):
         pass
@@ -73,7 +73,8 @@ class QuietReporter(ConsoleReporter):
 
     def add_failure(self, task, fail):
         message = fail.get_msg().strip().splitlines()
-        self.outstream.write(f"\nerror: {message[-1] if message else fail}\n")
+        sys.stdout.flush()  # the error line goes to stderr, after the text streamed so far
+        sys.stderr.write(f"\nerror: {message[-1] if message else fail}\n")
         self.failures.append({"task": task, "exception": fail})
 
     def complete_run(self):
