@@ -4,7 +4,6 @@ from __future__ import annotations
 from pathlib import Path
 
 from pipeline.core.errors import StagepipeError, cli_entry
-from pipeline.core.layout import CACHE_JSON
 from pipeline.runtime.kv_cache import KVCacheDir, block_shape, open_cache_file
 from pipeline.runtime.stage_ops import block
 from stages.common import open_backend, stage_parser, step_paths
@@ -31,7 +30,7 @@ def main(argv=None):
         past_key = open_cache_file(a.past_key, shape, m.kv_dtype)
         past_value = open_cache_file(a.past_value, shape, m.kv_dtype)
     elif a.kv_dir:
-        kv = KVCacheDir(a.kv_dir, m).open(create=not (a.kv_dir / CACHE_JSON).exists())
+        kv = KVCacheDir(a.kv_dir, m).open(create=True)
         past_key, past_value = kv.past(a.block)
     else:
         raise StagepipeError("give --kv_dir (the run's kv_cache folder) or --past_key/--past_value")

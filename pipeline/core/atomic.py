@@ -107,13 +107,15 @@ def atomic_write_path(path):
         raise
 
 
-def write_bytes(path, data: bytes):
+def write_bytes(path, data: bytes) -> str:
+    """-> the digest of what was written (tensors.file_digest)."""
     with atomic_open(path) as f:
         f.write(data)
+    return file_digest(data)
 
 
-def write_text(path, text: str):
-    write_bytes(path, text.encode("utf-8"))
+def write_text(path, text: str) -> str:
+    return write_bytes(path, text.encode("utf-8"))
 
 
 def spare_of(path) -> Path:

@@ -18,16 +18,16 @@ def validation_text(e: ValidationError) -> str:
     return f"{f'field {field!r}: ' if field else ''}{msg}{more}"
 
 
-def load_model_file(path: Path, model: type[BaseModel]):
+def load_model_file(path: Path, model: type[BaseModel], fix: str = "fix or regenerate the file"):
     path = Path(path)
     try:
         return model.model_validate_json(path.read_bytes())
     except FileNotFoundError:
         raise StagepipeError(f"{path}: not found") from None
     except ValidationError as e:
-        raise StagepipeError(f"{path}: {validation_text(e)}; fix or regenerate the file") from None
+        raise StagepipeError(f"{path}: {validation_text(e)}; {fix}") from None
     except (OSError, json.JSONDecodeError, UnicodeDecodeError) as e:
-        raise StagepipeError(f"{path}: cannot read ({e})") from None
+        raise StagepipeError(f"{path}: cannot read ({e}); {fix}") from None
 
 
 def load_manifest(onnx_dir: Path):

@@ -131,7 +131,9 @@ class Run:
         verify.remove_temp_files(self.dir)  # a write cut short by a crash (kill -9) leaves its temp file
         from_step = 0 if o.reset_kv else (None if o.from_step < 0 else o.from_step)
         if run_json.exists():
-            changed = changed_settings(load_model_file(run_json, RunSettings), self.settings)
+            recorded = load_model_file(run_json, RunSettings, fix="restore it, delete it to go on with this "
+                                       "command's settings, or use --clean to start over")
+            changed = changed_settings(recorded, self.settings)
             if changed and from_step is None:
                 raise StagepipeError(f"{run_json}: this run was made with other {', '.join(changed)}; use "
                                      "--from_step K to regenerate from step K, --clean to start over, or another "

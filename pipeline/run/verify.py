@@ -15,7 +15,7 @@ from pathlib import Path
 from pipeline.core import layout
 from pipeline.core.errors import StagepipeError
 from pipeline.core.layout import StepPaths, step_name
-from pipeline.runtime.stage_ops import readable_meta, stage_problem
+from pipeline.runtime.stage_ops import edited_token, readable_meta, stage_problem
 
 
 def refuse_links(run_dir: Path):
@@ -65,6 +65,7 @@ def stages_to_redo(run, log=_note) -> set[tuple[int, str]]:
     stages = run.manifest.stage_names()
     redo: set[tuple[int, str]] = set()
     damaged: list[tuple[int, str]] = []
+    edits: list[str] = []
     for d in layout.step_dirs(run.dir):
         s = layout.step_number(d.name)
         if s >= run.n_steps:
@@ -84,6 +85,12 @@ def stages_to_redo(run, log=_note) -> set[tuple[int, str]]:
             if stage in meta.stages:
                 damaged.append((s, problem))
             redo |= {(s, other) for other in stages} if stage == "embed" else {(s, stage)}
+        token = edited_token(meta, paths)
+        if token is not None:
+            edits.append(f"note: {paths.next_token_file} holds token {token}, not the {meta.next_token_id} its step "
+                         f"sampled: the steps after it follow this edit (to sample again: --from_step {s})")
+    if edits:
+        log(edits[0] + (f" ({len(edits) - 1} more edited token files)" if len(edits) > 1 else ""))
     if damaged:
         s, problem = damaged[0]  # the first in step and pipeline order
         more = f" and {len(damaged) - 1} more" if len(damaged) > 1 else ""

@@ -46,14 +46,17 @@ class KVCacheDir:
     def open(self, create: bool = False, reset: bool = False) -> "KVCacheDir":
         """Check (or create) the cache. reset=True throws away a cache made for other graphs.
 
-        Without cache.json (a new cache, or the record lost) files that are missing or unusable are created
-        zeroed; files that open with the right shape and dtype are kept: the steps' slot digests tell whether
-        they still hold the run (pipeline.run.verify)."""
+        Without a readable cache.json (a new cache, or the record lost) files that are missing or unusable are
+        created zeroed; files that open with the right shape and dtype are kept: the steps' slot digests tell
+        whether they still hold the run (pipeline.run.verify)."""
         record_path = self.dir / CACHE_JSON
         if reset and self.dir.exists():
             shutil.rmtree(self.dir)
-        if record_path.exists():
+        try:
             found = load_model_file(record_path, CacheRecord)
+        except StagepipeError:  # missing or unreadable: written anew below, the files kept if they fit
+            found = None
+        if found is not None:
             if found != self.record:
                 what = ("other graphs (onnx fingerprint differs)" if found.onnx_fingerprint != self.record.onnx_fingerprint
                         else f"another shape/dtype (C={found.max_cache_len}, {found.kv_dtype})")

@@ -104,12 +104,22 @@ def stage_problem(meta: StepMeta, stage: str, paths: StepPaths, past=None, wante
         return f"{where}: slots {meta.past_len}..{meta.next_past_len - 1} no longer hold what {stage} wrote there"
     if stage == "output" and meta.sample_next:
         try:
-            read_token_file(paths.next_token_file)
+            read_token_file(paths.next_token_file)  # any token id: an edit by hand is followed (edited_token)
         except StagepipeError:
             return f"{paths.next_token_file}: missing or not a token id"
-        if not paths.next_token_text.exists():
-            return f"{paths.next_token_text}: missing"
     return None
+
+
+def edited_token(meta: StepMeta, paths: StepPaths) -> int | None:
+    """The token id in next_token_id.txt when it is not the one the output stage sampled (an edit by hand, which
+    the steps after it follow), else None."""
+    if "output" not in meta.stages or not meta.sample_next or meta.next_token_id is None:
+        return None
+    try:
+        token = read_token_file(paths.next_token_file)
+    except StagepipeError:
+        return None
+    return token if token != meta.next_token_id else None
 
 
 def _trusted(meta: StepMeta | None, stage: str, inputs_digest: str, paths: StepPaths, on_skip, done: str,
@@ -228,8 +238,9 @@ def output(backend: Backend, paths: StepPaths, sampling: SamplingSettings | None
     meta.next_token_id = None
     if meta.sample_next:
         token = sample(logits[0, -1 if last_row else meta.q_len - 1], meta.sampling, meta.step)
-        write_text(paths.next_token_file, token_file_text(token))
-        write_text(paths.next_token_text, token_text(token) if token_text else f"<{token}>")
+        write_text(paths.next_token_file, token_file_text(token))  # not in the record: it may be edited by hand
+        text = token_text(token) if token_text else f"<{token}>"
+        written[record_key(paths, paths.next_token_text)] = write_text(paths.next_token_text, text)
         meta.next_token_id = token
     meta.stages["output"] = StageRecord(seconds=time.perf_counter() - started, inputs_digest=inputs_digest,
                                         outputs=written)
