@@ -20,7 +20,7 @@ from pipeline.core.layout import StepPaths, read_token_file, step_name
 from pipeline.run.lock import lock_run_dir
 from pipeline.run.options import RunOptions
 from pipeline.runtime import stage_ops
-from pipeline.runtime.backends import make_backend
+from pipeline.runtime.backends import make_backend, stage_process_kwargs
 from pipeline.runtime.generate import prompt_chunks
 from pipeline.runtime.hybrid import hybrid_label, hybrid_manifest, open_backend, plan_routes, route_records
 from pipeline.runtime.kv_cache import KVCacheDir
@@ -101,8 +101,7 @@ class Run:
             o = self.options
 
             def make(name, onnx_dir, manifest):
-                kwargs = {"provider": o.provider, "process_pool": True} if name == "onnx" else {}
-                return make_backend(name, onnx_dir, manifest, **kwargs)
+                return make_backend(name, onnx_dir, manifest, **stage_process_kwargs(name, o.provider))
 
             self._backend = open_backend(make, o.backend, self.onnx_dir, self.manifest, self.routes)
         return self._backend

@@ -269,5 +269,12 @@ def backend_class(name: str) -> type[Backend]:
     return cls
 
 
+def stage_process_kwargs(name: str, provider: str = "cpu") -> dict:
+    """make_backend arguments for a process that runs stages only (run_auto, the workbench tools): onnxruntime
+    backends (OnnxBackend and its subclasses) share the process's thread pool; once it exists, onnxruntime
+    refuses sessions with their own threads in the process."""
+    return {"provider": provider, "process_pool": True} if issubclass(backend_class(name), OnnxBackend) else {}
+
+
 def make_backend(name: str, onnx_dir: Path, manifest: Manifest | None = None, **kwargs) -> Backend:
     return backend_class(name)(onnx_dir, manifest, **kwargs)

@@ -37,13 +37,16 @@ class Route:
 
 
 def parse_stage_map(text: str, flag: str, stages: list[str]) -> dict[str, str]:
-    """"block2=DIR,output=DIR2" -> {"block2": "DIR", "output": "DIR2"}; one clear error for anything else."""
+    """"block2=DIR,output:DIR2" -> {"block2": "DIR", "output": "DIR2"}; one clear error for anything else.
+
+    STAGE:VALUE is there for doit, which takes a command-line word NAME=VALUE for a variable of its own
+    (`doit run_auto --stage_onnx block2:DIR`, or `--stage_onnx=block2=DIR`)."""
     found: dict[str, str] = {}
     for item in filter(None, (x.strip() for x in (text or "").split(","))):
-        stage, sep, value = item.partition("=")
-        stage, value = stage.strip(), value.strip()
-        if not sep or not value:
-            raise StagepipeError(f"{flag} {item!r}: expected STAGE=VALUE, e.g. block2=onnx/other")
+        cut = min((i for i in (item.find("="), item.find(":")) if i >= 0), default=-1)
+        stage, value = (item[:cut].strip(), item[cut + 1:].strip()) if cut >= 0 else (item, "")
+        if not value:
+            raise StagepipeError(f"{flag} {item!r}: expected STAGE=VALUE or STAGE:VALUE, e.g. block2:onnx/other")
         if stage not in stages:
             raise StagepipeError(f"{flag} {stage}: this model's stages are {', '.join(stages)}")
         if stage in found:
@@ -65,14 +68,18 @@ def plan_routes(main_dir: Path, main: Manifest, main_backend: str, stage_onnx: s
         onnx_dir = Path(dirs.get(stage, main_dir))
         key = str(onnx_dir.resolve())
         if key not in manifests:
-            if not onnx_dir.is_dir():
-                raise StagepipeError(f"--stage_onnx {stage}={onnx_dir}: not a folder; give a converted onnx_dir")
-            manifests[key] = load_manifest(onnx_dir)
+            try:
+                manifests[key] = load_manifest(onnx_dir)
+            except StagepipeError as e:
+                raise StagepipeError(f"--stage_onnx {stage}={onnx_dir}: {e}") from None
             why = why_not_interchangeable(main, manifests[key])
             if why:
                 raise StagepipeError(f"--stage_onnx {stage}={onnx_dir}: {why}")
         name = backends.get(stage, main_backend)
-        backend_class(name)  # an unknown backend is an error now, not at the first step
+        try:
+            backend_class(name)  # an unknown backend is an error now, not at the first step
+        except StagepipeError as e:
+            raise StagepipeError(f"--stage_backend {stage}={name}: {str(e).split(': ', 1)[1]}") from None
         routes.append(Route(stage, name, onnx_dir, manifests[key]))
     return routes
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from pipeline.core.errors import StagepipeError
 from pipeline.core.jsonfile import load_manifest
-from pipeline.runtime.backends import Backend, make_backend
+from pipeline.runtime.backends import Backend, make_backend, stage_process_kwargs
 
 
 def add_candidate_arguments(p: argparse.ArgumentParser, default_dir: str):
@@ -28,9 +28,7 @@ def open_candidate(args, default_dir: Path | None) -> Backend | None:
     if onnx_dir is None:
         raise StagepipeError(f"--backend {args.backend}: also give --onnx_dir (the graphs it runs)")
     name = args.backend or "onnx"
-    # the tools run stages only: onnx sessions can share one thread pool, as in run_auto
-    kwargs = {"provider": args.provider, "process_pool": True} if name == "onnx" else {}
-    return make_backend(name, Path(onnx_dir), load_manifest(onnx_dir), **kwargs)
+    return make_backend(name, Path(onnx_dir), load_manifest(onnx_dir), **stage_process_kwargs(name, args.provider))
 
 
 def describe(backend: Backend) -> str:

@@ -42,12 +42,11 @@ from pipeline.runtime.backends import Backend
 from pipeline.runtime.kv_cache import block_shape
 from pipeline.runtime.plan import hidden_dtype, step_inputs, window_for
 from pipeline.tools.candidate import add_candidate_arguments, describe, open_candidate, parse_steps, step_selected
-from pipeline.tools.drift import SlotErrors, exceeds, tensor_error, worst, write_heatmap
+from pipeline.tools.drift import DEFAULT_MAX_REL_ERR, SlotErrors, exceeds, tensor_error, worst, write_heatmap
 from pipeline.tools.inspect import find_onnx_dir, read_json
 from pipeline.tools.report import dump_json, fmt_num, format_table
 from schemas.run import CacheRecord, StepMeta
 
-DEFAULT_MAX_REL_ERR = 1e-2
 PAST = {"key": "past_key", "value": "past_value"}
 
 
