@@ -24,8 +24,10 @@ K/V rows, the logits of the last real row, and the greedy token. The in-memory l
 A case fails when a tensor's relative error exceeds its bound, a tensor is NaN/Inf or has the wrong shape, the
 candidate raises, or the stop differs. The bound is --max_rel_err, or for a candidate that differs from the
 golden graphs everywhere (a quantized one) --baseline_factor times its error in the baseline case, whichever is
-larger: a boundary case fails when it is markedly worse than the candidate's usual error. Tokens are shown beside:
-a token differs only where the logits do.
+larger: a boundary case fails when it is markedly worse than the candidate's usual error. That is all a comparison
+with fp32 can tell when the candidate's own error is large (int4 graphs of a random-weight model differ by ~0.6
+everywhere): check a port's semantics with its float graphs first. Tokens are shown beside: a token differs
+only where the logits do.
 
 Exit status: 1 when a case fails, 0 otherwise, 2 for bad input.
 """
@@ -50,7 +52,7 @@ from pipeline.tools.candidate import add_candidate_arguments, describe, open_can
 from pipeline.tools.drift import DEFAULT_MAX_REL_ERR, exceeds, tensor_error
 from pipeline.tools.report import dump_json, fmt_num
 
-DEFAULT_BASELINE_FACTOR = 4.0
+DEFAULT_BASELINE_FACTOR = 2.0
 SEED = 0
 
 
@@ -235,7 +237,7 @@ def case_line(r: dict) -> str:
         detail = f"step {f['step']} (past {f['past_len']}) {f['stage']} {f['tensor']}: {f['reason']}"
     else:
         detail = f["reason"]
-    return f"{status}  {r['case']:<16} {r['what']:<72} tokens {r['tokens_equal']}/{r['tokens']}  {detail}"
+    return f"{status}  {r['case']:<14} {r['what']:<78} tokens {r['tokens_equal']}/{r['tokens']}  {detail}"
 
 
 def golden_dir_for(golden: Path | None, candidate_dir: Path | None) -> Path:
