@@ -28,7 +28,7 @@ from pipeline.core.atomic import atomic_write_path, write_text
 from pipeline.core.errors import StagepipeError, cli_entry, stdout_may_close
 from pipeline.core.layout import INPUT_FILES, LOGITS, hidden_index, step_dirs, step_number, tensor_sort_key
 from pipeline.core.layout import writer_stage as stage_of
-from pipeline.tools.inspect import classify, load_step_meta, open_npy, run_tokenizer, step_next_token, token_text
+from pipeline.tools.run_reading import classify, load_step_meta, open_npy, run_tokenizer, step_next_token, token_text
 from pipeline.tools.report import dump_json, fmt_num, format_table
 
 EXACT_FILES = set(INPUT_FILES)  # compared for equality
