@@ -15,10 +15,11 @@ from doit import task_params
 
 from pipeline.convert.options import ConvertOptions
 from pipeline.core.options import doit_params
-from pipeline.run.doit_support import QuietReporter
+from pipeline.run.doit_support import QuietReporter, friendly_task_option_errors
 from pipeline.run.options import RunOptions
 
 DOIT_CONFIG = {"default_tasks": ["run_auto"], "verbosity": 2, "reporter": QuietReporter, "backend": "json"}
+friendly_task_option_errors()
 
 
 def _python_module(module: str, argv: list) -> dict:

@@ -48,6 +48,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # python benchmarks/bench.py
     sys.path.insert(0, str(REPO))
 
+from pipeline.core.cli_args import ArgumentParser  # noqa: E402
 from pipeline.core import layout  # noqa: E402
 from pipeline.core.atomic import write_json  # noqa: E402
 from pipeline.core.errors import StagepipeError, cli_entry  # noqa: E402
@@ -212,7 +213,7 @@ def onnx_dir_for(model_path: Path, a) -> Path:
 
 
 def ensure_onnx(model_path: Path, onnx_dir: Path, a, log) -> dict:
-    from pipeline.convert.onnx_dir import parse_cache_windows, resolve_cache_windows
+    from pipeline.convert.options import parse_cache_windows, resolve_cache_windows
     from pipeline.core.jsonfile import load_manifest
     from pipeline.convert.staleness import staleness
 
@@ -222,7 +223,7 @@ def ensure_onnx(model_path: Path, onnx_dir: Path, a, log) -> dict:
     reason = staleness(onnx_dir, model_path, wanted)
     if reason is None and a.blocks and len(load_manifest(onnx_dir).blocks) != a.blocks:
         reason = f"not {a.blocks} blocks"
-    if reason is None and (model_path / "tokenizer.json").exists() and not (onnx_dir / "tokenizer.json").exists():
+    if reason is None and (model_path / layout.TOKENIZER_JSON).exists() and not (onnx_dir / layout.TOKENIZER_JSON).exists():
         reason = "converted before the checkpoint had tokenizer files"
     if reason is None:
         log(f"{onnx_dir} is current")
@@ -683,7 +684,7 @@ DEFAULT_METHODS = ("run_auto", "in_memory", "by_hand", "genai_fp32", "genai_int4
 
 
 def parse_args(argv):
-    p = argparse.ArgumentParser(prog="python -m benchmarks.bench", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="python -m benchmarks.bench", description=__doc__.split("\n")[0])
     p.add_argument("--model_path", default="", help=f"HF checkpoint (default {BENCH_MODEL}, written if missing)")
     p.add_argument("--small", action="store_true", help="the tiny demo checkpoint (models/demo-qwen3): a smoke run")
     p.add_argument("--onnx_dir", default="", help="converted folder (default onnx/bench-<model>-<settings>)")
@@ -798,7 +799,7 @@ def _genai_missing() -> str | None:
 def main(argv=None):
     a = parse_args(argv)
     if a.kv_dtype == "auto":
-        from pipeline.convert.onnx_dir import default_kv_dtype
+        from pipeline.convert.options import default_kv_dtype
 
         a.kv_dtype = default_kv_dtype(a.precision)
     if a.write_checkpoint:

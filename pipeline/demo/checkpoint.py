@@ -9,7 +9,6 @@ checkpoint; a folder that already holds the demo checkpoint for the same seed is
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
@@ -20,6 +19,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.core.cli_args import ArgumentParser
 from pipeline.core.atomic import write_json
 from pipeline.core.errors import StagepipeError, cli_entry
 from pipeline.checkpoint.safetensors_io import read_header, save_safetensors
@@ -206,7 +206,7 @@ def write_demo_checkpoint(out_dir, seed: int = 0) -> bool:
 
 @cli_entry
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m pipeline.demo",
+    parser = ArgumentParser(prog="python -m pipeline.demo",
                                      description="Write a small random-weight Qwen3 checkpoint (HF layout) for demos and tests.")
     parser.add_argument("--out", required=True, help="checkpoint folder to create")
     parser.add_argument("--seed", type=int, default=0, help="random seed for the weights (default 0)")

@@ -17,13 +17,13 @@ and compared no further; --strict counts them as failures too.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
+from pipeline.core.cli_args import ArgumentParser
 from pipeline.core.atomic import atomic_write_path, write_text
 from pipeline.core.errors import StagepipeError, cli_entry, stdout_may_close
 from pipeline.core.layout import INPUT_FILES, LOGITS, hidden_index, step_dirs, step_number, tensor_sort_key
@@ -351,7 +351,7 @@ def write_plot(r: dict, out: Path):
 
 @cli_entry
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m pipeline.compare", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="python -m pipeline.compare", description=__doc__.split("\n")[0])
     p.add_argument("run_a", type=Path, help="run folder (or step folder) to check")
     p.add_argument("run_b", type=Path, help="run folder (or step folder) to check against (the reference)")
     p.add_argument("--atol", type=float, default=1e-3, help="absolute tolerance (default 1e-3)")

@@ -12,11 +12,11 @@ The helpers here (step folders, pipeline order of tensor files, token text) are 
 """
 from __future__ import annotations
 
-import argparse
 from pathlib import Path
 
 import numpy as np
 
+from pipeline.core.cli_args import ArgumentParser
 from pipeline.core.errors import StagepipeError, cli_entry, stdout_may_close
 from pipeline.core import layout
 from pipeline.core.jsonfile import load_model_file
@@ -234,7 +234,7 @@ def print_info(info: dict):
 
 @cli_entry
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m pipeline.inspect", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="python -m pipeline.inspect", description=__doc__.split("\n")[0])
     p.add_argument("path", type=Path, help="a run folder, a step folder (RUN/step_0003), RUN/kv_cache or a .npy file")
     p.add_argument("--json", action="store_true", help="print machine-readable JSON instead of tables")
     a = p.parse_args(argv)
