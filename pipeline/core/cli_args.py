@@ -6,6 +6,9 @@ import argparse
 import difflib
 import re
 import sys
+from pathlib import Path
+
+from pipeline.core.errors import StagepipeError
 
 
 def did_you_mean(given: str, known) -> str:
@@ -30,3 +33,18 @@ class ArgumentParser(argparse.ArgumentParser):
             message = message.replace("expected one argument", "needs a value")
         print(f"error: {message}", file=sys.stderr)
         sys.exit(2)
+
+
+def read_text_file(path: Path, flag: str) -> str:
+    """A text file given on the command line (--prompt_file): a missing, unreadable or non-UTF-8 file is one
+    clear error line."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise StagepipeError(f"{flag} {path}: not found") from None
+    except IsADirectoryError:
+        raise StagepipeError(f"{flag} {path}: is a folder; give a text file") from None
+    except UnicodeDecodeError as e:
+        raise StagepipeError(f"{flag} {path}: not UTF-8 text (byte {e.start}); save it as UTF-8") from None
+    except OSError as e:
+        raise StagepipeError(f"{flag} {path}: cannot read it ({e.strerror})") from None
