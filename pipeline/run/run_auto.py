@@ -81,6 +81,7 @@ class Run:
         self._stopped: dict[int, bool] = {}
         self.new_steps = 0  # steps whose output this process computed (resumed work is not streamed again)
         self.progress = Progress()
+        self.backend  # a backend that cannot run here (--provider cuda without CUDA) fails before anything is written
 
     # -- helpers -------------------------------------------------------------------------------------------------
     def step_dir(self, s: int) -> Path:
