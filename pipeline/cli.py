@@ -10,7 +10,7 @@ from __future__ import annotations
 import importlib
 import sys
 
-from pipeline.core.cli_args import ArgumentParser, did_you_mean
+from pipeline.core.cli_args import did_you_mean
 
 # command -> (module whose main(argv) runs it, one-line help)
 COMMANDS = {
