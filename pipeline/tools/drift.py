@@ -1,18 +1,13 @@
-"""How far a candidate's tensor is from the golden one, in numbers that compare across stages, and the step ×
-stage heat map of them (pipeline.replay, pipeline.conformance).
+"""How far a candidate's tensor is from the golden one, in numbers that compare across stages (pipeline.replay,
+pipeline.conformance).
 
 The relative error |candidate - golden| / |golden| (L2 norms, over real rows) is scale-free: hidden states,
 K/V and logits of very different sizes read alike, and 1 - cosine ~ rel_err**2 / 2 for small errors."""
 from __future__ import annotations
 
-from pathlib import Path
-
 import numpy as np
 
-from pipeline.core.atomic import atomic_write_path
-
 DEFAULT_MAX_REL_ERR = 1e-2  # the tools' default tolerance on the relative error
-ZERO_FLOOR = 1e-12  # where an exact match is drawn on the log-scale heat map
 
 
 def tensor_error(candidate: np.ndarray, golden: np.ndarray) -> dict:
@@ -88,36 +83,3 @@ def _sortable(x) -> float:
 
 def exceeds(value: float | None, max_rel_err: float) -> bool:
     return value is not None and not value <= max_rel_err  # NaN exceeds
-
-
-def write_heatmap(out: Path, panels: list[tuple[str, np.ndarray]], steps: list[str], stages: list[str],
-                  max_rel_err: float, title: str):
-    """One panel per (title, values[step, stage]) of relative errors, log colour scale; NaN cells (not
-    measured) blank, cells over max_rel_err marked x."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-    from matplotlib.colors import LogNorm
-
-    finite = [v for _, m in panels for v in m[np.isfinite(m)].ravel()]
-    vmax = max([max_rel_err * 10] + finite)
-    fig, axes = plt.subplots(1, len(panels), figsize=(2.2 + 1.1 * len(stages) * len(panels),
-                                                       1.8 + 0.22 * len(steps)), squeeze=False)
-    for ax, (name, values) in zip(axes[0], panels):
-        shown = np.where(np.isnan(values), np.nan, np.maximum(values, ZERO_FLOOR))
-        image = ax.imshow(np.ma.masked_invalid(shown), aspect="auto", cmap="viridis",
-                          norm=LogNorm(vmin=ZERO_FLOOR, vmax=max(vmax, ZERO_FLOOR * 10)), interpolation="nearest")
-        over = np.argwhere(values > max_rel_err)
-        if len(over):
-            ax.scatter(over[:, 1], over[:, 0], marker="x", s=18, color="red", linewidths=1)
-        ax.set_xticks(range(len(stages)), stages, rotation=45, ha="right", fontsize=8)
-        every = max(1, len(steps) // 40)
-        ax.set_yticks(range(0, len(steps), every), steps[::every], fontsize=7)
-        ax.set_title(name, fontsize=9)
-        fig.colorbar(image, ax=ax, label=f"relative error (exact: {ZERO_FLOOR:g}; x: > {max_rel_err:g})")
-    fig.suptitle(title, fontsize=9)
-    fig.tight_layout()
-    with atomic_write_path(Path(out)) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)

@@ -45,7 +45,7 @@ from pipeline.tools import compare as compare_tool
 from pipeline.tools import ops as ops_tool
 from pipeline.tools import replay as replay_tool
 from pipeline.tools.candidate import add_candidate_arguments, open_candidate, parse_steps, step_selected
-from pipeline.tools.inspect import find_onnx_dir, read_json
+from pipeline.tools.run_reading import find_onnx_dir, read_json
 from pipeline.tools.report import dump_json
 
 ROOT = "pack"

@@ -42,8 +42,9 @@ from pipeline.runtime.backends import Backend
 from pipeline.runtime.kv_cache import block_shape
 from pipeline.runtime.plan import hidden_dtype, step_inputs, window_for
 from pipeline.tools.candidate import add_candidate_arguments, describe, open_candidate, parse_steps, step_selected
-from pipeline.tools.drift import DEFAULT_MAX_REL_ERR, SlotErrors, exceeds, tensor_error, worst, write_heatmap
-from pipeline.tools.inspect import find_onnx_dir, read_json
+from pipeline.tools.drift import DEFAULT_MAX_REL_ERR, SlotErrors, exceeds, tensor_error, worst
+from pipeline.tools.drift_plot import require_matplotlib, write_heatmap
+from pipeline.tools.run_reading import find_onnx_dir, read_json
 from pipeline.tools.report import dump_json, fmt_num, format_table
 from schemas.run import CacheRecord, StepMeta
 
@@ -434,13 +435,6 @@ def print_per_step(r: dict):
 def plot(r: dict, out: Path):
     write_heatmap(out, _panels(r), [rec["step"] for rec in r["steps"]], [s["stage"] for s in r["stages"]],
                   r["max_rel_err"], f"{r['candidate'] or r['candidate_run']} vs golden {r['golden_run']}")
-
-
-def require_matplotlib():
-    try:
-        import matplotlib  # noqa: F401
-    except ImportError:
-        raise StagepipeError("--plot needs matplotlib, which is not installed: pip install -e '.[plot]'") from None
 
 
 @cli_entry
