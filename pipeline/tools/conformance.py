@@ -33,7 +33,6 @@ Exit status: 1 when a case fails, 0 otherwise, 2 for bad input.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 import zlib
@@ -42,6 +41,7 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.core.cli_args import ArgumentParser
 from pipeline.core.errors import StagepipeError, cli_entry, stdout_may_close
 from pipeline.core.jsonfile import load_manifest
 from pipeline.core.layout import PRESENT_KEY, PRESENT_VALUE
@@ -250,7 +250,7 @@ def golden_dir_for(golden: Path | None, candidate_dir: Path | None) -> Path:
 
 @cli_entry
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m pipeline.conformance", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="python -m pipeline.conformance", description=__doc__.split("\n")[0])
     add_candidate_arguments(p, "--golden")
     p.add_argument("--golden", type=Path, default=None,
                    help="the golden fp32 onnx_dir of the same model (default: --onnx_dir when it is fp32)")

@@ -22,7 +22,6 @@ Exit status: 0 when the pack is written (whatever the reports in it say), 2 for 
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import hashlib
 import io
@@ -39,6 +38,7 @@ import numpy as np
 from pipeline import __version__
 from pipeline.core import layout
 from pipeline.core.atomic import atomic_write_path
+from pipeline.core.cli_args import ArgumentParser
 from pipeline.core.errors import StagepipeError, cli_entry
 from pipeline.core.jsonfile import load_manifest
 from pipeline.tools import compare as compare_tool
@@ -208,7 +208,7 @@ def readme(run: Path, other: Path | None, steps: list[str], slots: int, checks: 
 
 @cli_entry
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m pipeline.pack", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="python -m pipeline.pack", description=__doc__.split("\n")[0])
     p.add_argument("run", type=Path, help="the run folder to pack (the golden run, for --compare)")
     p.add_argument("-o", "--out", type=Path, required=True, help="the .tar.gz to write")
     p.add_argument("--compare", type=Path, default=None, metavar="OTHER",

@@ -25,7 +25,6 @@ bad input (a candidate that does not fit the golden run: other dimensions, split
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -33,8 +32,8 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.core import layout
-from pipeline.core.atomic import write_text
-from pipeline.core.errors import StagepipeError, cli_entry, stdout_may_close
+from pipeline.core.cli_args import ArgumentParser
+from pipeline.core.errors import StagepipeError, cli_entry
 from pipeline.core.jsonfile import load_model_file
 from pipeline.core.layout import LOGITS, PRESENT_KEY, PRESENT_VALUE, hidden_file, stage_sort_key, step_dirs
 from pipeline.core.tensors import load_tensor
@@ -45,7 +44,7 @@ from pipeline.tools.candidate import add_candidate_arguments, describe, open_can
 from pipeline.tools.drift import DEFAULT_MAX_REL_ERR, SlotErrors, exceeds, tensor_error, worst
 from pipeline.tools.drift_plot import require_matplotlib, write_heatmap
 from pipeline.tools.run_reading import find_onnx_dir, read_json
-from pipeline.tools.report import dump_json, fmt_num, format_table
+from pipeline.tools.report import emit_report, fmt_num, format_table
 from schemas.run import CacheRecord, StepMeta
 
 PAST = {"key": "past_key", "value": "past_value"}
@@ -439,7 +438,7 @@ def plot(r: dict, out: Path):
 
 @cli_entry
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m pipeline.replay", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="python -m pipeline.replay", description=__doc__.split("\n")[0])
     p.add_argument("golden_run", type=Path, help="the golden run folder (run_auto on the fp32 graphs)")
     add_candidate_arguments(p, "the golden run's onnx_dir")
     p.add_argument("--candidate_run", type=Path, default=None,
@@ -460,20 +459,12 @@ def main(argv=None):
         if a.golden_run.is_dir() else None
     candidate = open_candidate(a, default_dir)
     report = replay(a.golden_run, candidate, a.candidate_run, a.stages, a.steps, a.max_rel_err)
-    to_stdout = a.json is not None and str(a.json) == "-"
-    with stdout_may_close():
-        if to_stdout:
-            print(dump_json(report))
-        else:
-            print_report(report, a.per_step)
-            print(f"replayed {len(report['steps'])} steps in {report['seconds']:.2f}s (the golden run's stages took "
-                  f"{report['golden_stage_seconds']:.2f}s)")
-        if a.json is not None and not to_stdout:
-            write_text(a.json, dump_json(report) + "\n")
-            print(f"report written to {a.json}")
-        if a.plot is not None:
-            plot(report, a.plot)
-            print(f"heat map written to {a.plot}", file=sys.stderr if to_stdout else sys.stdout)
+    def text(r):
+        print_report(r, a.per_step)
+        print(f"replayed {len(r['steps'])} steps in {r['seconds']:.2f}s (the golden run's stages took "
+              f"{r['golden_stage_seconds']:.2f}s)")
+
+    emit_report(report, a.json, text, a.plot, plot, what="heat map")
     return 0 if report["ok"] else 1
 
 
