@@ -21,7 +21,7 @@ import numpy as np
 
 from pipeline.core.errors import StagepipeError
 from pipeline.core.jsonfile import load_manifest
-from pipeline.runtime.backends import Backend, backend_class
+from pipeline.runtime.backends import Backend, OnnxBackend, backend_class
 from pipeline.runtime.compat import why_not_interchangeable
 from pipeline.runtime.plan import hidden_dtype
 from schemas.manifest import Manifest
@@ -130,8 +130,10 @@ class HybridBackend(Backend):
         routed = set(self.stage_backends)
         for backend, stages in [(self.main, [s for s in self.manifest.stage_names() if s not in routed])] + \
                 [(b, [s]) for s, b in self.stage_backends.items()]:
-            if hasattr(backend, "open_all"):
+            if isinstance(backend, OnnxBackend):  # only the stages it runs here
                 backend.open_all(max_tokens, stages=stages)
+            elif hasattr(backend, "open_all"):
+                backend.open_all(max_tokens)
 
     def embed(self, input_ids):
         return self.backend_for("embed").embed(input_ids).astype(self._hidden, copy=False)
