@@ -79,26 +79,6 @@ def add_arguments(parser: argparse.ArgumentParser, cls, skip=(), required=()):
                             choices=f.metadata["choices"], required=f.name in required, help=help_text + shown)
 
 
-class Unparsed(str):
-    """A doit parameter value its parser refused: from_values turns it into one error line (exit code 2), where
-    doit itself would print its own message and exit with 3."""
-
-    error = ""
-
-
-def _lenient(parse):
-    def convert(text):
-        try:
-            return parse(text)
-        except (ValueError, TypeError, argparse.ArgumentTypeError) as e:
-            value = Unparsed(text)
-            value.error = {int: "expected an integer", float: "expected a number"}.get(parse, str(e))
-            return value
-
-    convert.__name__ = getattr(parse, "__name__", "value")
-    return convert
-
-
 def doit_params(cls, skip=()) -> list[dict]:
     """doit task parameters for the fields of cls, defaults and help included."""
     params = []
@@ -109,7 +89,7 @@ def doit_params(cls, skip=()) -> list[dict]:
         is_bool = _base_type(hint) is bool
         shown = f" (default: {default})" if default not in (None, "", [], False) else ""
         params.append({"name": f.name, "long": f.metadata["flag"] or f.name, "default": default,
-                       "type": bool if is_bool else _lenient(_parser_of(f, hint)), "help": f.metadata["help"] + shown})
+                       "type": bool if is_bool else _parser_of(f, hint), "help": f.metadata["help"] + shown})
     return params
 
 
@@ -118,8 +98,6 @@ def from_values(cls, values: dict):
     known = {f.name: f for f, _ in _fields(cls)}
     kwargs = {k: v for k, v in values.items() if k in known}
     for name, value in kwargs.items():
-        if isinstance(value, Unparsed):
-            raise StagepipeError(f"--{known[name].metadata['flag'] or name} {value}: {value.error or 'invalid value'}")
         choices = known[name].metadata["choices"]
         if choices and value not in choices:
             raise StagepipeError(f"--{known[name].metadata['flag'] or name} {value}: choose one of "

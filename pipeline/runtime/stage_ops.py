@@ -128,10 +128,27 @@ def _trusted(meta: StepMeta | None, stage: str, inputs_digest: str, paths: StepP
     rec = meta and meta.stages.get(stage)
     if not rec or rec.inputs_digest != inputs_digest or stage_problem(meta, stage, paths, past, wanted):
         return False
+    meta._reused = True
     if on_skip:
         on_skip(f"{paths.step_dir}: {stage} already done: its inputs and {done} match meta.json's record; nothing "
                 "rewritten (delete a file it wrote to have it redone)")
     return True
+
+
+def adopt_token_edit(paths: StepPaths, token_text) -> int:
+    """The step's next_token_id.txt, which the user may have edited by hand: when it differs from meta.json,
+    next_token.txt and meta.json (the output stage's record of next_token.txt included) are refreshed to match
+    it, so the step folder never contradicts itself."""
+    token = read_token_file(paths.next_token_file)
+    meta = load_meta(paths.meta)
+    if meta.next_token_id != token:
+        written = write_text(paths.next_token_text, token_text(token))
+        meta.next_token_id = token
+        rec = meta.stages.get("output")
+        if rec and record_key(paths, paths.next_token_text) in rec.outputs:
+            rec.outputs[record_key(paths, paths.next_token_text)] = written
+        save_meta(paths.meta, meta, last=True)
+    return token
 
 
 def token_embed(backend: Backend, paths: StepPaths, step: int, past_len: int, token_ids: list[int],
