@@ -144,7 +144,7 @@ def test_fsync_run_gives_the_same_run(sandbox, tmp_path):
 
 
 @pytest.mark.parametrize("args,expected", [
-    (["--steps", "abc"], "--steps abc: expected an integer"),
+    (["--steps", "abc"], "--steps: expected an integer"),
     (["--prompt", "\udcff\udcfe hello"], "--prompt: not UTF-8 text"),
     (["--run_root", "{file}"], "is a file, not a folder"),
 ])
@@ -247,3 +247,19 @@ def test_interrupted_conversions_are_cleaned_up_when_their_process_is_gone(sandb
         assert sum("left by an interrupted conversion" in line for line in said) == 2
     finally:
         alive.kill()
+
+
+def test_an_onnx_dir_changed_on_purpose_is_recorded_with_a_new_fingerprint(sandbox, tmp_path):
+    from pipeline.convert.records import record
+    from pipeline.core.jsonfile import load_manifest
+    from pipeline.runtime.graph_files import GraphFiles
+
+    onnx = tmp_path / "onnx"
+    shutil.copytree(sandbox.onnx, onnx, copy_function=os.link)
+    fc._flip_byte(onnx / "decode" / "output.data")  # a weights file edited by a tool of the user's
+    with pytest.raises(StagepipeError, match=r"output.data: its content differs .* pipeline.convert.records"):
+        GraphFiles(onnx, load_manifest(onnx)).check("decode/output.data")
+    old, new = record(onnx)
+    assert new.graphs_fingerprint != old.graphs_fingerprint  # runs made with the old weights are told apart
+    GraphFiles(onnx, load_manifest(onnx)).check("decode/output.data")
+    assert record(onnx)[1].graphs_fingerprint == new.graphs_fingerprint  # nothing changed since: the same

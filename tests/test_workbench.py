@@ -14,6 +14,7 @@ import tarfile
 import numpy as np
 import pytest
 
+from pipeline.convert.records import record
 from pipeline.core.errors import StagepipeError
 from pipeline.runtime.backends import OnnxBackend
 from tests.run_helpers import PROMPT, REPO, make_small_onnx, one_line_error, run_doit, step_files, summary
@@ -54,6 +55,7 @@ def perturbed_copy(onnx_dir, out, block: int, scale=0.02):
     w.tofile(data)
     (out / "decode" / f"block{block}.data").unlink()
     os.link(data, out / "decode" / f"block{block}.data")
+    record(out)  # changed on purpose: the manifest records the new weights (and a new graphs fingerprint)
     return out
 
 

@@ -21,12 +21,13 @@ from pipeline.checkpoint.safetensors_io import CheckpointWeights
 from pipeline.convert.graphs import GRAPH_FORMAT, GraphShape, Precision, build_block, build_embed, build_output
 from pipeline.convert.onnx_builder import OPSET, WeightStore
 from pipeline.convert.options import PRECISIONS, ConvertOptions
+from pipeline.convert.records import file_records
 from pipeline.convert.source import WeightSource, check_checkpoint, source_files, source_fingerprint, source_stat
 from pipeline.core.atomic import write_text
 from pipeline.core.errors import StagepipeError
 from pipeline.core.layout import (GENERATION_CONFIG, MANIFEST, MODEL_CONFIG, MODES, TOKENIZER_FILES, graph_file,
                                   graph_set, weights_file)
-from schemas.manifest import BlockSpec, GraphSpec, Manifest, TensorSpec, WrittenFile
+from schemas.manifest import BlockSpec, GraphSpec, Manifest, TensorSpec
 
 MASK_VALUE = -10000.0  # finite: fits float16 and keeps a fully masked softmax row finite
 
@@ -158,17 +159,9 @@ def _write_onnx_dir(config, ranges, weights, out: Path, o: ConvertOptions, log) 
         graphs=graphs, source_path=str(model_path.resolve()), source_files=source_stat(files),
         source_fingerprint=source_fingerprint(files), graphs_fingerprint=graph_hash.hexdigest(),
         tokenizer_files=[n for n in copied if n in TOKENIZER_FILES],
-        nonstandard_ops=sorted(nonstandard), files=_file_records(out, written))
+        nonstandard_ops=sorted(nonstandard), files=file_records(out, written))
     write_text(out / MANIFEST, manifest.model_dump_json(indent=2) + "\n")
     return manifest
-
-
-def _file_records(out: Path, digests: dict[str, str]) -> dict[str, WrittenFile]:
-    records = {}
-    for rel, sha in sorted(digests.items()):
-        st = (out / rel).stat()
-        records[rel] = WrittenFile(size=st.st_size, mtime_ns=st.st_mtime_ns, sha256=sha)
-    return records
 
 
 _LEFTOVER = r"\.{name}\.(?:converting|old)-(\d+)"

@@ -83,6 +83,15 @@ def file_digest(*chunks) -> str:
     return h.hexdigest()
 
 
+def sha256_file(path: Path) -> str:
+    """sha256 of a file's content, read 16 MiB at a time (graphs and weights files)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(16 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
 def npy_header(shape, dtype) -> bytes:
     """The header np.save writes before the data of a C-order array of this shape and dtype."""
     buf = io.BytesIO()

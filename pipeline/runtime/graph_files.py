@@ -7,23 +7,16 @@ whose files got new mtimes is hashed once per run; reconverting records them aga
 """
 from __future__ import annotations
 
-import hashlib
 import os
 import sys
 from pathlib import Path
 
 from pipeline.core.errors import StagepipeError
+from pipeline.core.tensors import sha256_file
 from schemas.manifest import Manifest
 
-FIX = "the onnx_dir was changed after conversion: reconvert it (python -m pipeline.convert) or restore the file"
-
-
-def sha256_file(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(16 << 20):
-            h.update(block)
-    return h.hexdigest()
+FIX = ("the onnx_dir changed after conversion: reconvert it or restore the file (changed on purpose? "
+       "python -m pipeline.convert.records ONNX_DIR)")
 
 
 class GraphFiles:
