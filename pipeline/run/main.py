@@ -12,24 +12,43 @@ from pipeline.run.options import RunOptions
 INTERRUPTED = "interrupted: finished work is saved; run the same command to resume"
 
 
-def open_run(options: RunOptions, log=print):
-    """A Run for these options (converting the model first when needed)."""
+def model_dir(options: RunOptions, log=print) -> Path:
+    """The onnx_dir these options run (converting the model first when needed)."""
     from pipeline.run.model_source import resolve_onnx_dir
+
+    return resolve_onnx_dir(Path(options.model_path) if options.model_path else None,
+                            Path(options.onnx_dir) if options.onnx_dir else None,
+                            options.max_input_len or None, options.max_cache_len or None, log=log)
+
+
+def open_run(options: RunOptions, log=print, backend=None):
+    """A Run for these options; with --reply / --messages, a conversation (settings not given: the run's)."""
+    from pipeline.run.conversation import conversation_options
     from pipeline.run.run_auto import Run
 
-    onnx_dir = resolve_onnx_dir(Path(options.model_path) if options.model_path else None,
-                                Path(options.onnx_dir) if options.onnx_dir else None,
-                                options.max_input_len or None, options.max_cache_len or None, log=log)
-    return Run(options, onnx_dir)
+    onnx_dir = model_dir(options, log)
+    options, request, old = conversation_options(options)
+    sampling = old.sampling if old is not None and not options.sampling_given() else None
+    return Run(options, onnx_dir, sampling=sampling, request=request, backend=backend)
+
+
+def run_turns(run) -> int:
+    """Execute the run's task graph, then once more for each user turn it still has to add."""
+    from pipeline.run.doit_support import run_task_graph
+
+    # a finished last turn is not run again before the next one (whose graph holds its steps anyway)
+    code = 0 if run.pending and run.last_turn_done() else run_task_graph(run)
+    while code == 0 and run.pending:
+        run.add_turn(run.pending.pop(0))
+        code = run_task_graph(run)
+    return code
 
 
 def run_auto(options: RunOptions) -> int:
-    from pipeline.run.doit_support import run_task_graph
-
     try:
         run = open_run(options)
         run.prepare()
-        return run_task_graph(run)
+        return run_turns(run)
     except StagepipeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
