@@ -9,7 +9,9 @@ conversation and the next message follows it. A folder that already holds a conv
 """
 from __future__ import annotations
 
+import contextlib
 import json
+import signal
 import sys
 from dataclasses import replace
 from pathlib import Path
@@ -37,8 +39,29 @@ def chat_params() -> list[dict]:
 
 def print_turn_line(run, summary):
     reply = summary.turns[-1]
+    if run.stop_requested:
+        print(f"\n[stopped after {len(reply.token_ids)} tokens]", flush=True)
+        return
     rate = f", {reply.decode_tokens_per_s:.1f} tokens/s" if reply.decode_tokens_per_s else ""
     print(f"\n[{len(reply.token_ids)} tokens, stop: {reply.stop_reason}{rate}]", flush=True)
+
+
+@contextlib.contextmanager
+def ctrl_c_stops(run):
+    """Ctrl-C while a reply streams: the step running finishes, the rest of the turn's steps do nothing, and the
+    graph ends as usual (doit's record saved). A second Ctrl-C interrupts at once."""
+
+    def handler(signum, frame):
+        if run.stop_requested:
+            raise KeyboardInterrupt
+        run.stop_requested = True
+
+    previous = signal.signal(signal.SIGINT, handler)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        run.stop_requested = False
 
 
 class Chat:
@@ -99,8 +122,9 @@ class Chat:
         from pipeline.run.doit_support import run_task_graph
 
         try:
-            if run_task_graph(self.run):
-                print("[the turn failed: see the error above]", flush=True)
+            with ctrl_c_stops(self.run):
+                if run_task_graph(self.run):
+                    print("[the turn failed: see the error above]", flush=True)
         except KeyboardInterrupt:
             print("\n[stopped]", flush=True)
 

@@ -88,6 +88,7 @@ class Run:
         self.pending: list[str] = []  # user turns still to add (set by prepare)
         self.echo = True  # print each turn's user text before its reply (doit chat does not)
         self.report = print_summary_line
+        self.stop_requested = False  # doit chat's Ctrl-C: the remaining steps of the graph do nothing
         self._backend = backend
         self._kv = None
         self._replan()
@@ -243,6 +244,8 @@ class Run:
 
     # -- actions -------------------------------------------------------------------------------------------------
     def embed(self, s: int):
+        if self.stop_requested:
+            return
         if self.stopped_before(s):
             shutil.rmtree(self.step_dir(s), ignore_errors=True)
             return
@@ -254,12 +257,12 @@ class Run:
                               prev_step_dir=self.step_dir(s - 1) if s else None)
 
     def block(self, s: int, k: int):
-        if self.stopped_before(s):
+        if self.stop_requested or self.stopped_before(s):
             return
         stage_ops.block(self.backend, StepPaths(self.step_dir(s)), k, *self.kv.past(k))
 
     def output(self, s: int):
-        if self.stopped_before(s):
+        if self.stop_requested or self.stopped_before(s):
             return
         context = self.context_ids(s) if self.settings.sampling.repetition_penalty != 1.0 else None
         meta = stage_ops.output(self.backend, StepPaths(self.step_dir(s)), None, None, self.tokenizer.token_text,
