@@ -286,3 +286,32 @@ def test_ctrl_c_stops_a_reply_and_the_chat_goes_on(qwen25, tmp_path):
     steps = sorted(int(p.name[5:]) for p in root.glob("step_*"))
     assert steps == list(range(turns[3]["last_step"] + 1))
     assert turns[2]["first_step"] == turns[1]["last_step"] + 1
+
+
+def test_branch_inside_and_before_a_later_turn(qwen25, conversation, tmp_path):
+    """--from_step inside turn 1 regenerates its rest (other sampling); --from_step at its first step with another
+    --reply replaces it. Turn 0's steps are kept as they are."""
+    _, onnx_dir, _ = qwen25
+    root = tmp_path / "run"
+    shutil.copytree(conversation["root"], root, ignore=shutil.ignore_patterns(".lock", ".doit*"))
+    ref = summary(root)["turns"]
+    first = ref[2]["first_step"]
+    turn0 = {n: ids for n, ids in file_ids(root).items() if int(n[5:9]) < first}
+    branch = ref[3]["first_step"] + 2
+    run_doit("--onnx_dir", onnx_dir, "--run_root", root, "--reply", USERS[1], "--steps", STEPS,
+             "--temperature", 1.5, "--seed", 3, "--from_step", branch)
+    turns = summary(root)["turns"]
+    kept = branch - ref[3]["first_step"]  # tokens sampled before the branch point
+    assert [t["token_ids"] for t in turns[:3]] == [t["token_ids"] for t in ref[:3]]
+    assert turns[3]["token_ids"][:kept] == ref[3]["token_ids"][:kept]
+    assert turns[3]["token_ids"] != ref[3]["token_ids"]
+    run_doit("--onnx_dir", onnx_dir, "--run_root", root, "--reply", "Why?", "--from_step", first)
+    turns = summary(root)["turns"]
+    assert [t["text"] for t in turns[::2]] == [USERS[0], "Why?"] and turns[3]["token_ids"]
+    assert json.loads((root / "run.json").read_text())["sampling"]["temperature"] == 1.5  # the run's, as recorded
+    assert all(file_ids(root)[n] == ids for n, ids in turn0.items()), "a branch rewrote turn 0"
+    # a message that does not fit the cache is refused in one line, and the conversation stays as it was
+    before = (root / "run.json").read_text()
+    proc = run_doit("--onnx_dir", onnx_dir, "--run_root", root, "--reply", " ".join(["word"] * 120), check=False)
+    assert proc.returncode == 2 and "no longer fits the 128-slot KV cache" in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1 and (root / "run.json").read_text() == before
