@@ -3,7 +3,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 
 RUN_SCHEMA_VERSION = 1
@@ -89,6 +89,12 @@ class StepMeta(Strict):
     seen_token_count: int | None = None
     stages: dict[str, StageRecord] = {}
     next_token_id: int | None = None
+    # not saved: set when a stage found its work already done on the same inputs and returned without redoing it
+    _reused: bool = PrivateAttr(default=False)
+
+    @property
+    def reused(self) -> bool:
+        return self._reused
 
 
 class TurnSummary(Strict):

@@ -23,6 +23,18 @@ def make_small_onnx(tmp: Path, kv_dtype="float32", max_input_len=8, max_cache_le
     return model, onnx_dir
 
 
+def one_line_error(proc: subprocess.CompletedProcess, *needles: str, code: int = 2) -> str:
+    """The one clear error line every command gives for bad input: exit `code`, one `error:` line on stderr naming
+    each of needles, no traceback. Returns the line."""
+    assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
+
+
 def run_doit(*args, check=True, timeout=300, **kwargs) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "doit", "-f", str(REPO / "dodo.py"), "--dir", str(REPO), "run_auto", *map(str, args)]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, **kwargs)

@@ -23,8 +23,9 @@ MODEL_CONFIG = "config.json"
 GENERATION_CONFIG = "generation_config.json"
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
+CHAT_TEMPLATE = "chat_template.jinja"
 TOKENIZER_FILES = (TOKENIZER_JSON, TOKENIZER_CONFIG, "vocab.json", "merges.txt", "special_tokens_map.json",
-                   "added_tokens.json", "chat_template.jinja")
+                   "added_tokens.json", CHAT_TEMPLATE)
 MODES = ("prefill", "decode")  # T = max_input_len tokens a step, and T = 1
 
 

@@ -2,6 +2,7 @@
 one KV cache, and each reply streams as its steps sample it.
 
     doit chat [--run_root runs/chat] [--onnx_dir O | --model_path M] [--system TEXT] [--no_think] [--steps N]
+    stagepipe chat ...                (the same options)
 
 /exit (or Ctrl-D) ends; /reset starts a new conversation in the folder; /save FILE writes the conversation as
 JSON messages (run_auto --messages FILE replays it). Ctrl-C stops a reply: what it said so far stays in the
@@ -22,7 +23,7 @@ from pipeline.run.options import RunOptions
 
 DEFAULT_ROOT = "runs/chat"
 # run_auto options that make no sense here: the messages come from the terminal
-SKIPPED = ("prompt", "reply", "messages", "chat", "from_step", "clean")
+SKIPPED = ("prompt", "prompt_file", "reply", "messages", "chat", "from_step", "clean")
 HELP = "/exit ends, /reset starts a new conversation, /save FILE writes it as JSON; Ctrl-C stops a reply"
 
 
@@ -95,7 +96,7 @@ class Chat:
         if not old.chat:
             raise StagepipeError(f"{run_json}: this run folder holds a run made without --chat; use another "
                                  "--run_root")
-        options = inherit(replace(self.options, prompt=""), old)
+        options = inherit(replace(self.options, prompt=None), old)
         self._open(options, old.sampling if not options.sampling_given() else None)
         print(f"[continuing the conversation in {self.options.run_root}: {len(old.turns) + 1} turns]", flush=True)
         if not self.run.last_turn_done():
@@ -180,6 +181,22 @@ def chat(options: RunOptions) -> int:
     except KeyboardInterrupt:
         print(file=sys.stderr)
         return 130
+
+
+def main(argv=None) -> int:
+    """stagepipe chat: doit chat's options parsed with argparse."""
+    from pipeline.core.cli_args import ArgumentParser
+    from pipeline.core.options import add_arguments, from_values
+
+    p = ArgumentParser(prog="stagepipe chat", description=__doc__.split("\n")[0])
+    add_arguments(p, RunOptions, skip=SKIPPED)
+    p.set_defaults(run_root=DEFAULT_ROOT)
+    try:
+        options = from_values(RunOptions, vars(p.parse_args(argv)))
+    except StagepipeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return chat(options)
 
 
 def chat_action(**params):

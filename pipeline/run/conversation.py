@@ -88,8 +88,8 @@ def conversation_options(options: RunOptions) -> tuple[RunOptions, Request, RunS
         raise StagepipeError(f"{run_json}: this run is not a chat (it was made without --chat), so it cannot take "
                              "turns; use another --run_root")
     if options.messages:
-        if options.prompt:
-            raise StagepipeError("--messages holds the prompt (its first user turn); drop --prompt")
+        if options.prompt is not None or options.prompt_file:
+            raise StagepipeError("--messages holds the prompt (its first user turn); drop --prompt/--prompt_file")
         system, users = read_messages(Path(options.messages))
         if system is not None and options.system and options.system != system:
             raise StagepipeError(f"--system differs from the system message in {options.messages}; give one")
@@ -109,6 +109,8 @@ def inherit(options: RunOptions, old: RunSettings) -> RunOptions:
     defaults = RunOptions()
     recorded = {"prompt": old.prompt, "no_think": old.no_think, "system": old.system or "", "backend": old.backend,
                 "ignore_eos": old.ignore_eos, "full_logits": old.full_logits}
+    if options.prompt_file:
+        del recorded["prompt"]
     return replace(options, **{k: v for k, v in recorded.items() if getattr(options, k) == getattr(defaults, k)})
 
 

@@ -36,11 +36,15 @@ def run_turns(run) -> int:
     """Execute the run's task graph, then once more for each user turn it still has to add."""
     from pipeline.run.doit_support import run_task_graph
 
+    def graph() -> int:
+        run.announce()
+        return run_task_graph(run)
+
     # a finished last turn is not run again before the next one (whose graph holds its steps anyway)
-    code = 0 if run.pending and run.last_turn_done() else run_task_graph(run)
+    code = 0 if run.pending and run.last_turn_done() else graph()
     while code == 0 and run.pending:
         run.add_turn(run.pending.pop(0))
-        code = run_task_graph(run)
+        code = graph()
     return code
 
 
@@ -55,6 +59,21 @@ def run_auto(options: RunOptions) -> int:
     except KeyboardInterrupt:
         print(f"\n{INTERRUPTED}", file=sys.stderr)
         return 130
+
+
+def main(argv=None) -> int:
+    """stagepipe run: run_auto's options parsed with argparse."""
+    from pipeline.core.cli_args import ArgumentParser
+    from pipeline.core.options import add_arguments, from_values
+
+    p = ArgumentParser(prog="stagepipe run", description="Generate through the stage pipeline.")
+    add_arguments(p, RunOptions)
+    try:
+        options = from_values(RunOptions, vars(p.parse_args(argv)))
+    except StagepipeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return run_auto(options)
 
 
 def run_auto_action(**params):

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
+from pipeline.core.cli_args import read_text_file
+from pipeline.core.errors import StagepipeError
 from pipeline.core.options import option
 from schemas.run import SamplingSettings
 
@@ -12,7 +15,8 @@ SAMPLING_SOURCES = ("flags", "model")
 
 @dataclass(frozen=True)
 class RunOptions:
-    prompt: str = option("", "prompt text (default: a demo prompt)")
+    prompt: str | None = option(None, "prompt text (default: a demo prompt)")
+    prompt_file: str = option("", "read the prompt from this UTF-8 text file instead")
     model_path: str = option("", "HF checkpoint: converted first when the onnx_dir is missing or stale")
     onnx_dir: str = option("", "converted model folder (default with --model_path: onnx/<model folder name>)")
     run_root: str = option("runs/demo", "the run's folder")
@@ -61,4 +65,13 @@ class RunOptions:
                               repetition_penalty=self.repetition_penalty or None)
 
     def prompt_text(self) -> str:
-        return self.prompt or DEFAULT_PROMPT
+        """The prompt: --prompt's text, the --prompt_file's contents, or the demo prompt when neither is given."""
+        if self.prompt is not None and self.prompt_file:
+            raise StagepipeError("--prompt and --prompt_file: give one of them")
+        text = read_text_file(Path(self.prompt_file), "--prompt_file") if self.prompt_file else self.prompt
+        if text is None:
+            return DEFAULT_PROMPT
+        if not text.strip():
+            raise StagepipeError(f"{'--prompt_file ' + self.prompt_file if self.prompt_file else '--prompt'} is "
+                                 "empty; give some text")
+        return text

@@ -10,6 +10,8 @@ graph's onnxruntime session is created once per run.
 from __future__ import annotations
 
 import shutil
+import sys
+import time
 from pathlib import Path
 
 from doit.tools import config_changed
@@ -66,8 +68,6 @@ class Run:
         self.tokenizer = Tokenizer.load(onnx_dir)
         self.request = request or conversation.Request()
         prompt = options.prompt_text()
-        if not prompt.strip():
-            raise StagepipeError("--prompt is empty; give some text")
         if (options.system or options.no_think) and not options.chat:
             raise StagepipeError("--system and --no_think go with --chat (the checkpoint's chat template)")
         self.template = ChatTemplate.load(onnx_dir) if options.chat else None
@@ -91,12 +91,15 @@ class Run:
         self.stop_requested = False  # doit chat's Ctrl-C: the remaining steps of the graph do nothing
         self._backend = backend
         self._kv = None
+        self.progress = Progress()
         self._replan()
+        self.backend  # a backend that cannot run here (--provider cuda without CUDA) fails before anything is written
 
     def _replan(self):
         self.plan = plan_turns(self.settings, self.manifest.max_input_len, self.manifest.max_cache_len)
         self._stopped: dict[int, bool] = {}
         self._fed: dict[int, list[int]] = {}  # step -> the token ids it fed (its meta.json input_token_ids)
+        self.new_steps = 0  # steps whose output this graph computed (resumed work is not streamed again)
 
     # -- helpers -------------------------------------------------------------------------------------------------
     @property
@@ -250,7 +253,9 @@ class Run:
             shutil.rmtree(self.step_dir(s), ignore_errors=True)
             return
         turn = self.plan.turn_of(s)
-        tokens = turn.chunk(s) or [read_token_file(self.step_dir(s - 1) / layout.NEXT_TOKEN_ID)]
+        # a next_token_id.txt edited by hand is the token: its step's next_token.txt and meta.json follow it
+        tokens = turn.chunk(s) or [
+            stage_ops.adopt_token_edit(StepPaths(self.step_dir(s - 1)), self.tokenizer.token_text)]
         self._fed[s] = tokens
         stage_ops.token_embed(self.backend, StepPaths(self.step_dir(s)), s, turn.past_len_at(s), tokens,
                               self.settings.sampling, sample_next=s >= turn.first_sampling_step,
@@ -267,15 +272,16 @@ class Run:
         context = self.context_ids(s) if self.settings.sampling.repetition_penalty != 1.0 else None
         meta = stage_ops.output(self.backend, StepPaths(self.step_dir(s)), None, None, self.tokenizer.token_text,
                                 self.options.full_logits, context)
-        if meta.next_token_id is not None:
-            self.show_token(s, meta.next_token_id)
-
-    def show_token(self, s: int, token: int):
+        if meta.reused:
+            return
+        self.new_steps += 1
         turn = self.plan.turn_of(s)
-        if self.echo and s == turn.first_sampling_step:
-            print(turn.text if turn.index == 0 else f"\n{turn.text}\n", end="", flush=True)
-        if self.echo or token not in self.settings.stop_token_ids:
-            print(self.tokenizer.decode([token]), end="", flush=True)
+        if meta.next_token_id is None:  # a prompt chunk that another chunk follows
+            self.progress.prefill(s - turn.first_step + 1, turn.n_chunks)
+        else:
+            self.progress.token(s, self.n_steps)
+            if self.echo or meta.next_token_id not in self.settings.stop_token_ids:
+                print(self.tokenizer.decode([meta.next_token_id]), end="", flush=True)
 
     def summarize(self):
         self.kv.flush()
@@ -283,6 +289,17 @@ class Run:
         write_text(self.dir / layout.SUMMARY_JSON, summary.model_dump_json(indent=2) + "\n")
         self.report(self, summary)
         return summary
+
+    def announce(self):
+        """Before the steps run: the last turn's prompt as the model sees it and a separator, or where a resumed
+        run goes on."""
+        done, turn = completed_steps(self), self.plan.last
+        if done <= turn.first_step:
+            new = turn.token_ids[1:] if turn.index else turn.token_ids  # a later turn's first id ended the reply
+            what = f"turn {turn.index}, {len(new)} new tokens" if turn.index else f"{len(new)} prompt tokens"
+            print(f"{prompt_preview(self.tokenizer.decode(new))}\n--- reply ({what}) ---", flush=True)
+        elif done < self.n_steps:
+            print(f"[{self.dir}: resumed at {step_name(done)}]", file=sys.stderr, flush=True)
 
     # -- doit tasks ----------------------------------------------------------------------------------------------
     def tasks(self, guard, basename: str = "run_auto"):
@@ -322,8 +339,46 @@ class Run:
 
 
 def print_summary_line(run: Run, summary):
+    turn = f"turn {len(run.plan.turns) - 1}: " if len(run.plan.turns) > 1 else ""
+    tokens = f"{summary.steps} steps, {len(summary.generated_token_ids)} new tokens, stop: {summary.stop_reason}"
+    if not run.new_steps:
+        print(f"[{run.dir}: {turn}already complete: {tokens}; its text is in {layout.SUMMARY_JSON}]", flush=True)
+        return
     rate = f"{summary.decode_tokens_per_s:.1f} tokens/s decode" if summary.decode_tokens_per_s else "no decode"
     ttft = f"{summary.time_to_first_token_s:.3f}s" if summary.time_to_first_token_s is not None else "-"
-    turn = f"turn {len(run.plan.turns) - 1}: " if len(run.plan.turns) > 1 else ""
-    print(f"\n[{run.dir}: {turn}{summary.steps} steps, {len(summary.generated_token_ids)} new tokens, "
-          f"stop: {summary.stop_reason}, first token {ttft}, {rate}]", flush=True)
+    print(f"\n[{run.dir}: {turn}{tokens}, first token {ttft}, {rate}]", flush=True)
+
+
+def completed_steps(run: Run) -> int:
+    """How many steps from step_0000 on have their output written (what a rerun does not redo)."""
+    done = 0
+    while done < run.n_steps and (run.step_dir(done) / layout.LOGITS).exists() and \
+            (run.step_dir(done) / layout.META).exists():
+        done += 1
+    return done
+
+
+def prompt_preview(text: str, keep: int = 300) -> str:
+    """The prompt as shown before the reply: whole, or its start and end when it is long."""
+    if len(text) <= 2 * keep:
+        return text
+    return f"{text[:keep]} [... {len(text) - 2 * keep} characters ...] {text[-keep:]}"
+
+
+class Progress:
+    """Progress on stderr: prefill chunks as they finish, and for long runs every 64 decode steps with the
+    rate so far. The reply itself streams to stdout."""
+
+    def __init__(self, every: int = 64):
+        self.every, self.started, self.tokens = every, None, 0
+
+    def prefill(self, done: int, total: int):
+        if total >= 4 and (done % max(1, total // 8) == 0 or done == total - 1):
+            print(f"[prefill {done}/{total} chunks]", file=sys.stderr, flush=True)
+
+    def token(self, step: int, planned: int):
+        self.started = self.started or time.perf_counter()
+        self.tokens += 1
+        if planned > self.every and self.tokens % self.every == 0:
+            rate = self.tokens / max(time.perf_counter() - self.started, 1e-9)
+            print(f"\n[step {step + 1}/{planned}, {rate:.1f} tokens/s]", file=sys.stderr, flush=True)

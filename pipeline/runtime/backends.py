@@ -17,6 +17,7 @@ from pipeline.core.jsonfile import load_manifest
 from pipeline.core.layout import graph_set, graph_set_window
 from pipeline.runtime.plan import hidden_dtype, window_for
 from schemas.manifest import Manifest
+from pipeline.core.layout import MODEL_CONFIG
 
 
 class Backend:
@@ -151,7 +152,7 @@ class ReferenceBackend(Backend):
         from pipeline.runtime.reference import ReferenceModel
 
         path = Path(model_path or self.manifest.source_path)
-        if not (path / "config.json").exists():
+        if not (path / MODEL_CONFIG).exists():
             raise StagepipeError(f"reference backend: checkpoint {path} (from manifest.json source_path) is gone; "
                                  "pass --model_path")
         self.model = ReferenceModel(path)
