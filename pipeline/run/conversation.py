@@ -21,6 +21,10 @@ from schemas.run import RunSettings, UserTurn
 ROLES = ("system", "user", "assistant")
 
 
+def short(text: str, keep: int = 40) -> str:
+    return repr(text if len(text) <= keep else text[:keep - 3] + "...")
+
+
 @dataclass
 class Request:
     """The user turns a command wants after turn 0: --messages lists them all, --reply adds one."""
@@ -36,10 +40,10 @@ class Request:
             return [] if not self.replies or (recorded and recorded[-1] == self.replies[0]) else self.replies
         for i, (have, want) in enumerate(zip(recorded, self.replies), start=1):
             if have != want:
-                raise StagepipeError(f"{self.messages_file}: turn {i} is {want!r}, but this run's turn {i} is {have!r}; "
-                                     "use --clean to start over, --from_step K to branch, or another --run_root")
+                raise StagepipeError(f"{self.messages_file}: turn {i} differs from this run's ({short(have)}); "
+                                     "use --clean, --from_step K or another --run_root")
         if len(recorded) > len(self.replies):
-            raise StagepipeError(f"{self.messages_file}: {len(self.replies) + 1} user turns, but this run has "
+            raise StagepipeError(f"{self.messages_file}: {len(self.replies) + 1} user turns, this run has "
                                  f"{len(recorded) + 1}; use --clean, --from_step K or another --run_root")
         return self.replies[len(recorded):]
 
@@ -85,8 +89,8 @@ def conversation_options(options: RunOptions) -> tuple[RunOptions, Request, RunS
     run_json = Path(options.run_root) / layout.RUN_JSON
     old = load_model_file(run_json, RunSettings) if run_json.is_file() and not options.clean else None
     if old is not None and not old.chat:
-        raise StagepipeError(f"{run_json}: this run is not a chat (it was made without --chat), so it cannot take "
-                             "turns; use another --run_root")
+        raise StagepipeError(f"{run_json}: made without --chat, so it cannot take more turns; use another "
+                             "--run_root")
     if options.messages:
         if options.prompt is not None or options.prompt_file:
             raise StagepipeError("--messages holds the prompt (its first user turn); drop --prompt/--prompt_file")
@@ -97,8 +101,8 @@ def conversation_options(options: RunOptions) -> tuple[RunOptions, Request, RunS
         request = Request(users[1:], from_messages=True, messages_file=options.messages)
     else:
         if old is None:
-            raise StagepipeError(f"--reply: {options.run_root} holds no conversation to reply to; start one with "
-                                 "--chat --prompt TEXT (or --messages FILE)")
+            raise StagepipeError(f"--reply: no conversation in {options.run_root}; start one with --chat --prompt "
+                                 "TEXT or --messages FILE")
         request = Request([options.reply])
     if old is not None:
         options = inherit(options, old)
@@ -144,11 +148,9 @@ def conversation_ids(settings: RunSettings, last_reply: list[int]) -> list[int]:
 
 
 def overflow(C: int, free: int, need: int | None = None) -> StagepipeError:
-    what = f"the next turn needs {need} cache slots and {free} are left" if need else "the last reply filled it"
-    return StagepipeError(f"the conversation no longer fits the {C}-slot KV cache ({what}); continue in a new run "
-                          "seeded with a shorter history: save it (doit chat: /save FILE), keep its last turns in the "
-                          "file and run doit run_auto --run_root NEW --messages FILE, or convert with a larger "
-                          "--max_cache_len")
+    what = f"the turn needs {need} slots, {free} are left" if need else "the last reply filled it"
+    return StagepipeError(f"the conversation no longer fits the {C}-slot KV cache ({what}): continue in a new run "
+                          "with --messages FILE holding its last turns (chat: /save FILE)")
 
 
 def next_turn(run, text: str, turn, reply: list[int], stop: str) -> UserTurn:

@@ -202,10 +202,8 @@ class Run:
             bad = next((i for i, (g, w) in enumerate(zip(got, want)) if g != w), None)
             if bad is not None:
                 s = turn.first_sampling_step + bad
-                raise StagepipeError(f"{self.step_dir(s)}: turn {turn.index}'s reply changed after turn "
-                                     f"{turn.index + 1} began (token {want[bad]} -> {got[bad]}); a conversation's "
-                                     f"history is fixed: regenerate from there with --from_step {s} (drops the "
-                                     "later turns)")
+                raise StagepipeError(f"{self.step_dir(s)}: turn {turn.index}'s reply changed after the next turn "
+                                     f"began (token {want[bad]} -> {got[bad]}); regenerate with --from_step {s}")
 
     def _open_sessions(self):
         if hasattr(self.backend, "open_all"):

@@ -186,9 +186,8 @@ class ChatTemplate:
         stand_in = system + [{"role": "user", "content": "?"}, {"role": "assistant", "content": _STAND_IN}]
         rendered = self.render(stand_in + [messages[-1]], add_generation_prompt=True, **kwargs)
         if rendered.count(_STAND_IN) != 1:
-            raise StagepipeError(f"{self.origin}: the chat template does not write an assistant turn's content as "
-                                 "it is, so a new turn cannot be added over the cache; start a new run with the "
-                                 "whole conversation (--messages)")
+            raise StagepipeError(f"{self.origin}: the chat template changes a reply's text, so a turn cannot be "
+                                 "added over the cache; replay the conversation in a new run (--messages)")
         text = rendered[rendered.index(_STAND_IN) + len(_STAND_IN):]
         if stop_text and text.startswith(stop_text):
             text = text[len(stop_text):]
