@@ -315,3 +315,28 @@ def test_branch_inside_and_before_a_later_turn(qwen25, conversation, tmp_path):
     proc = run_doit("--onnx_dir", onnx_dir, "--run_root", root, "--reply", " ".join(["word"] * 120), check=False)
     assert proc.returncode == 2 and "no longer fits the 128-slot KV cache" in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1 and (root / "run.json").read_text() == before
+
+
+def test_by_hand_chat_steps_equal_run_auto(qwen25, conversation, tmp_path):
+    """stages.token_embed --chat renders step 0 as run_auto does; a later turn's first step by hand takes the
+    conversation's ids so far (--tokens_file) from --past_len on."""
+    _, onnx_dir, _ = qwen25
+    ref = conversation["root"]
+    run_stage("token_embed", "--step_dir", tmp_path / "step_0000", "--onnx_dir", onnx_dir, "--past_len", 0,
+              "--prompt", USERS[0], "--chat")
+    root = tmp_path / "run"
+    shutil.copytree(ref, root, ignore=shutil.ignore_patterns(".lock", ".doit*"))
+    turns = summary(ref)["turns"]
+    first = turns[2]["first_step"]
+    past_len = json.loads((ref / f"step_{first:04d}" / "meta.json").read_text())["past_len"]
+    shutil.rmtree(root / f"step_{first:04d}")
+    ids = tmp_path / "conversation_ids.txt"
+    ids.write_text(" ".join(map(str, conversation_ids(turns[:3]))))
+    run_stage("token_embed", "--step_dir", root / f"step_{first:04d}", "--onnx_dir", onnx_dir,
+              "--past_len", past_len, "--tokens_file", ids)
+    for step, by_hand in ((0, tmp_path / "step_0000"), (first, root / f"step_{first:04d}")):
+        for name in ("input_ids.npy", "attention_mask.npy", "position_ids.npy", "hidden_block0.npy"):
+            assert (by_hand / name).read_bytes() == (ref / f"step_{step:04d}" / name).read_bytes(), (step, name)
+    proc = run_stage("token_embed", "--step_dir", tmp_path / "x", "--onnx_dir", onnx_dir, "--past_len", 0,
+                     "--prompt", "hi", "--system", "Be brief.", check=False)
+    assert proc.returncode == 2 and "go with --chat" in proc.stderr
