@@ -79,7 +79,7 @@ class Chat:
         from pipeline.run.run_auto import Run
 
         run = Run(options, self.onnx_dir, sampling=sampling, backend=self.backend)
-        run.echo, run.report = False, print_turn_line
+        run.show_stop_tokens, run.report = False, print_turn_line
         run.prepare()
         self.run, self.backend = run, run.backend
 
@@ -185,18 +185,9 @@ def chat(options: RunOptions) -> int:
 
 def main(argv=None) -> int:
     """stagepipe chat: doit chat's options parsed with argparse."""
-    from pipeline.core.cli_args import ArgumentParser
-    from pipeline.core.options import add_arguments, from_values
+    from pipeline.run.main import command_main
 
-    p = ArgumentParser(prog="stagepipe chat", description=__doc__.split("\n")[0])
-    add_arguments(p, RunOptions, skip=SKIPPED)
-    p.set_defaults(run_root=DEFAULT_ROOT)
-    try:
-        options = from_values(RunOptions, vars(p.parse_args(argv)))
-    except StagepipeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return chat(options)
+    return command_main(chat, "stagepipe chat", __doc__.split("\n")[0], argv, skip=SKIPPED, run_root=DEFAULT_ROOT)
 
 
 def chat_action(**params):

@@ -63,17 +63,26 @@ def run_auto(options: RunOptions) -> int:
 
 def main(argv=None) -> int:
     """stagepipe run: run_auto's options parsed with argparse."""
+    return command_main(run_auto, "stagepipe run", "Generate through the stage pipeline.", argv)
+
+
+def command_main(command, prog: str, description: str, argv=None, skip=(), **defaults) -> int:
+    """command(RunOptions) with the options parsed from argv by argparse (skip: options it does not take)."""
     from pipeline.core.cli_args import ArgumentParser
     from pipeline.core.options import add_arguments, from_values
 
-    p = ArgumentParser(prog="stagepipe run", description="Generate through the stage pipeline.")
-    add_arguments(p, RunOptions)
+    p = ArgumentParser(prog=prog, description=description)
+    add_arguments(p, RunOptions, skip=skip)
+    for action in p._actions:  # another default: the help says so too
+        if action.dest in defaults:
+            action.default = defaults[action.dest]
+            action.help = f"{action.help.split(' (default:')[0]} (default: {action.default})"
     try:
         options = from_values(RunOptions, vars(p.parse_args(argv)))
     except StagepipeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
-    return run_auto(options)
+    return command(options)
 
 
 def run_auto_action(**params):

@@ -86,7 +86,7 @@ class Run:
             stop_token_ids=[] if options.ignore_eos else m.model.eos_token_ids,
             sampling=check_sampling(sampling or options.sampling_settings(self.onnx_dir)))
         self.pending: list[str] = []  # user turns still to add (set by prepare)
-        self.echo = True  # print each turn's user text before its reply (doit chat does not)
+        self.show_stop_tokens = True  # stream them like any token (doit chat leaves them out)
         self.report = print_summary_line
         self.stop_requested = False  # doit chat's Ctrl-C: the remaining steps of the graph do nothing
         self._backend = backend
@@ -278,7 +278,7 @@ class Run:
             self.progress.prefill(s - turn.first_step + 1, turn.n_chunks)
         else:
             self.progress.token(s, self.n_steps)
-            if self.echo or meta.next_token_id not in self.settings.stop_token_ids:
+            if self.show_stop_tokens or meta.next_token_id not in self.settings.stop_token_ids:
                 print(self.tokenizer.decode([meta.next_token_id]), end="", flush=True)
 
     def summarize(self):
