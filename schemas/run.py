@@ -41,6 +41,14 @@ class UserTurn(Strict):
     previous_stop: Literal["eos", "max_steps", "interrupted"]  # how that reply ended (interrupted: Ctrl-C in chat)
 
 
+class StageRoute(Strict):
+    """Where a hybrid run's stage runs instead of the main onnx_dir/backend (--stage_onnx / --stage_backend)."""
+
+    backend: str
+    onnx_dir: str
+    onnx_fingerprint: str  # that onnx_dir's graphs_fingerprint
+
+
 class RunSettings(Strict):
     """run.json: what a run generates and how; a rerun with other settings must say so (--from_step/--clean)."""
 
@@ -51,8 +59,9 @@ class RunSettings(Strict):
     system: str | None = None  # --system: the system turn of a --chat conversation (None: the template's default)
     prompt_token_ids: list[int]
     onnx_dir: str
-    onnx_fingerprint: str
+    onnx_fingerprint: str  # a hybrid run's: over its main graphs and every routed stage's backend and graphs
     backend: str = "onnx"
+    stage_routes: dict[str, StageRoute] = {}  # hybrid runs: stage -> where it runs instead
     max_new_tokens: int = Field(ge=1)  # of turn 0; later turns carry their own
     ignore_eos: bool = False
     full_logits: bool = False  # prefill steps keep logits for all T rows, not just the last

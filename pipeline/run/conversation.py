@@ -111,7 +111,11 @@ def conversation_options(options: RunOptions) -> tuple[RunOptions, Request, RunS
 
 def inherit(options: RunOptions, old: RunSettings) -> RunOptions:
     defaults = RunOptions()
-    recorded = {"prompt": old.prompt, "no_think": old.no_think, "system": old.system or "", "backend": old.backend,
+    routes = old.stage_routes  # a hybrid run's backend is recorded as a label: main backend + routes
+    recorded = {"prompt": old.prompt, "no_think": old.no_think, "system": old.system or "",
+                "backend": old.backend.split("+")[0] if routes else old.backend,
+                "stage_onnx": ",".join(f"{stage}:{r.onnx_dir}" for stage, r in routes.items()),
+                "stage_backend": ",".join(f"{stage}:{r.backend}" for stage, r in routes.items()),
                 "ignore_eos": old.ignore_eos, "full_logits": old.full_logits}
     if options.prompt_file:
         del recorded["prompt"]
