@@ -1,27 +1,26 @@
-"""Ctrl-C anywhere in `doit run_auto`: one line, exit code 130, never a traceback.
+"""Ctrl-C anywhere in a doit command: one line, exit code 130, never a traceback.
 
-Inside run_auto's work (`with interruptible():`) the first Ctrl-C raises KeyboardInterrupt, so that what is
-being written is cleaned up (atomic writes remove their temp file) and doit saves its record. Any other Ctrl-C
-(doit starting up or finishing, a second one while the first unwinds) exits at once: every file a run writes
-is crash-safe, so stopping anywhere loses only unfinished work.
+While a command's own work runs (`with interruptible():`, or an action wrapped by `command`) Ctrl-C raises
+KeyboardInterrupt as usual, and the command handles it: what is being written is cleaned up (atomic writes
+remove their temp file), doit saves its record, run_auto prints its line and exits 130, doit chat stops a reply.
+Outside that work (doit starting up or finishing) Ctrl-C exits at once with the same line: every file a run
+writes is crash-safe, so stopping anywhere loses only unfinished work.
 """
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import signal
 import threading
 
 from pipeline.core.errors import INTERRUPTED
 
-_inside = False
-_interrupted = False
+_depth = 0  # > 0 while a command's own work runs
 
 
 def _on_sigint(signum, frame):
-    global _interrupted
-    if _inside and not _interrupted:
-        _interrupted = True
+    if _depth:
         raise KeyboardInterrupt
     os.write(2, f"\n{INTERRUPTED}\n".encode())  # not print(): the handler may interrupt a print to stderr
     os._exit(130)
@@ -36,11 +35,22 @@ def install():
 
 @contextlib.contextmanager
 def interruptible():
-    """The block's work stops on Ctrl-C with a KeyboardInterrupt (the first one only)."""
-    global _inside, _interrupted
+    """Ctrl-C during the block raises KeyboardInterrupt, for the block's own code to handle."""
+    global _depth
     install()
-    _inside, _interrupted = True, False
+    _depth += 1
     try:
         yield
     finally:
-        _inside = False
+        _depth -= 1
+
+
+def command(action):
+    """A doit action run as interruptible() work (its Ctrl-C handling is its own)."""
+
+    @functools.wraps(action)
+    def run(*args, **kwargs):
+        with interruptible():
+            return action(*args, **kwargs)
+
+    return run
