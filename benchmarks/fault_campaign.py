@@ -62,17 +62,22 @@ class Sandbox:
                 "--onnx_dir", str(onnx or self.onnx), "--run_root", str(run_root), "--prompt", PROMPT,
                 "--steps", str(NEW_TOKENS), "--ignore_eos"]
 
-    def spawn(self, run_root: Path, onnx: Path | None = None, preexec=None) -> subprocess.Popen:
+    def spawn(self, run_root: Path, onnx: Path | None = None) -> subprocess.Popen:
         return subprocess.Popen(self.command(run_root, onnx), cwd=REPO, stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, preexec_fn=preexec)
+                                stderr=subprocess.PIPE, text=True, preexec_fn=_ctrl_c_as_in_a_terminal)
 
     def run(self, run_root: Path, onnx: Path | None = None, preexec=None) -> subprocess.CompletedProcess:
         return subprocess.run(self.command(run_root, onnx), cwd=REPO, capture_output=True, text=True, timeout=600,
-                              preexec_fn=preexec)
+                              preexec_fn=preexec or _ctrl_c_as_in_a_terminal)
 
     def watched(self) -> dict:
         """What a run must never change: everything of the sandbox outside the run folders."""
         return snapshot([self.onnx, self.root / "model", self.reference, self.outside])
+
+
+def _ctrl_c_as_in_a_terminal():
+    """A command started in the background (`... &` in a script) ignores SIGINT; the runs here must see it."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
 def make_sandbox(root: Path) -> Sandbox:
@@ -432,6 +437,7 @@ def damage_campaign(sb: Sandbox, quick: bool, log=print, full_disk: bool = True)
 
 def _file_size_limit(limit: int):
     def preexec():
+        _ctrl_c_as_in_a_terminal()
         signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # a write past the limit fails (EFBIG) instead of killing
         resource.setrlimit(resource.RLIMIT_FSIZE, (limit, limit))
     return preexec

@@ -187,7 +187,7 @@ def token_embed(backend: Backend, paths: StepPaths, step: int, past_len: int, to
     record = StageRecord(seconds=time.perf_counter() - started, inputs_digest=inputs_digest, outputs=written)
     if same_step:  # the later stages' records stay: each is checked against its own inputs and outputs
         meta.stages = {"embed": record, **{k: v for k, v in old.stages.items() if k != "embed"}}
-        meta.next_token_id = old.next_token_id
+        meta.next_token_id, meta.seen_token_count = old.next_token_id, old.seen_token_count
     else:
         meta.stages["embed"] = record
     save_meta(paths.meta, meta)
