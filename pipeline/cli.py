@@ -3,6 +3,7 @@
     stagepipe run [--prompt TEXT | --prompt_file F] [--steps N] ...     (= doit run_auto)
     stagepipe convert --model_path M --onnx_dir O ...                    (= python -m pipeline.convert)
     stagepipe inspect PATH | compare A B | ops ONNX_DIR | demo --out DIR
+    stagepipe serve [--runs runs] [--port 8000]                          (= doit serve)
     stagepipe stage token_embed|block|output ...                         (= python -m stages.<stage>)
 """
 from __future__ import annotations
@@ -20,6 +21,7 @@ COMMANDS = {
     "compare": ("pipeline.tools.compare", "compare two runs or steps tensor by tensor"),
     "ops": ("pipeline.tools.ops", "list and check the ops of an onnx_dir's graphs"),
     "demo": ("pipeline.demo.checkpoint", "write the demo checkpoint"),
+    "serve": ("pipeline.web.serve", "web pages on 127.0.0.1: browse runs, compare them, chat"),
 }
 STAGES = ("token_embed", "block", "output")
 

@@ -1,0 +1,219 @@
+"""The chat page's engine: each conversation is a run folder under <runs>/chats/, and each message starts a turn,
+a `stagepipe run` child process on that folder (a stop is Ctrl-C: its finished steps stay, like any run). The
+reply streams from the step folders as they appear, the way every other page reads runs.
+
+    turn = turns.start(conversation, message, settings)   # returns at once; the child process generates
+    for event in turn.events():                            # {"text": "..."} deltas, then {"done": {...}}
+        ...
+    turn.stop()
+
+One turn per conversation while `stagepipe run` has no --reply (multi-turn chat arrives with the chat-turns work);
+when RunOptions has `reply`, a later message continues the same folder with --reply, and history() reads the
+turns summary.json lists.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import typing
+from pathlib import Path
+
+from pipeline.core import layout
+from pipeline.core.errors import StagepipeError
+from pipeline.core.options import from_values, to_argv
+from pipeline.run.options import RunOptions
+from pipeline.tools.run_reading import load_step_meta, read_json, run_tokenizer, step_next_token
+from pipeline.web.folder import CHATS, RequestError, RunsFolder
+
+# what the chat page may set (those RunOptions has: repetition_penalty and system arrive with chat-turns)
+SETTINGS = ("onnx_dir", "steps", "temperature", "top_k", "top_p", "seed", "repetition_penalty", "no_think",
+            "ignore_eos", "system")
+POLL_S = 0.1
+MULTI_TURN = any(f.name == "reply" for f in dataclasses.fields(RunOptions))
+
+
+def chat_options(settings: dict, defaults: dict) -> dict:
+    """The page's settings as RunOptions values: known names only, each converted to its field's type."""
+    hints = typing.get_type_hints(RunOptions)
+    values = dict(defaults)
+    for name, raw in settings.items():
+        if name not in SETTINGS or name not in hints:
+            continue
+        kind = hints[name] if hints[name] in (bool, int, float) else str
+        try:
+            values[name] = raw in (True, 1, "1", "true", "on") if kind is bool else kind(raw)
+        except (TypeError, ValueError):
+            raise RequestError(400, f"{name}={raw!r}: expected {kind.__name__}") from None
+    if values.get("steps", 1) < 1:
+        raise RequestError(400, "steps must be at least 1")
+    return values
+
+
+def turn_argv(run_dir: Path, message: str, values: dict, first_turn: bool) -> list[str]:
+    """The `stagepipe run` command of one turn: the first renders the message with the chat template; a later one
+    (multi-turn builds) appends it with --reply."""
+    values = {**values, "run_root": str(run_dir)}
+    values.update(prompt=message, chat=True) if first_turn else values.update(reply=message)
+    try:
+        from_values(RunOptions, values)  # a bad choice fails here, not in the child
+        return [sys.executable, "-m", "pipeline.cli", "run", *to_argv(RunOptions, values)]
+    except (StagepipeError, TypeError) as e:
+        raise RequestError(400, f"chat settings: {e}") from None
+
+
+def generated_ids(run_dir: Path, first_step: int) -> list[int]:
+    """Tokens the steps from first_step on sampled so far (a prompt chunk that another chunk follows samples none)."""
+    ids = []
+    for d in layout.step_dirs(run_dir):
+        if layout.step_number(d.name) < first_step:
+            continue
+        try:
+            meta = load_step_meta(d)
+        except StagepipeError:  # being written: the next poll reads it
+            break
+        if meta is None or "output" not in meta.stages:
+            break
+        token = step_next_token(d, meta)
+        if token is not None:
+            ids.append(token)
+    return ids
+
+
+def history(run_dir: Path) -> list[dict]:
+    """The conversation as messages: summary.json's turns when it lists them (multi-turn), else the prompt and
+    its reply."""
+    settings = read_json(run_dir / layout.RUN_JSON) or {}
+    summary = read_json(run_dir / layout.SUMMARY_JSON) or {}
+    if summary.get("turns"):
+        return [{k: t.get(k) for k in ("role", "text", "stop_reason", "time_to_first_token_s", "decode_tokens_per_s")}
+                for t in summary["turns"]]
+    if "prompt" not in settings:
+        return []
+    reply = {"role": "assistant", "text": summary.get("text"), "stop_reason": summary.get("stop_reason"),
+             "time_to_first_token_s": summary.get("time_to_first_token_s"),
+             "decode_tokens_per_s": summary.get("decode_tokens_per_s")}
+    if reply["text"] is None:  # no summary yet: what the steps sampled
+        tokenizer = run_tokenizer(run_dir, settings)
+        ids = generated_ids(run_dir, 0)
+        reply["text"] = tokenizer.decode(ids, skip_special_tokens=True) if tokenizer else f"{len(ids)} tokens"
+    return [{"role": "user", "text": settings["prompt"]}, reply]
+
+
+class ChatTurn:
+    """One reply being generated by a child process; events() follows it through the run folder."""
+
+    def __init__(self, run_dir: Path, argv: list[str], cwd: Path):
+        self.run_dir = run_dir
+        self.first_step = len(layout.step_dirs(run_dir)) if run_dir.is_dir() else 0
+        self.stopped = False
+        self.stderr: list[str] = []
+        # the child imports this very code (not another checkout's installed copy)
+        code_root = str(Path(__file__).resolve().parents[2])
+        env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [code_root, os.environ.get("PYTHONPATH")])))
+        self.proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
+                                     stderr=subprocess.PIPE, text=True, encoding="utf-8", errors="replace")
+        threading.Thread(target=self._drain, daemon=True).start()
+
+    def _drain(self):
+        for line in self.proc.stderr:
+            self.stderr.append(line.rstrip("\n"))
+
+    @property
+    def running(self) -> bool:
+        return self.proc.poll() is None
+
+    def stop(self):
+        """Ctrl-C for the child: it stops after the stage it is in; its finished steps stay."""
+        if self.running:
+            self.stopped = True
+            self.proc.send_signal(signal.SIGINT)
+
+    def reply_ids(self) -> list[int]:
+        return generated_ids(self.run_dir, self.first_step)
+
+    def events(self, timeout_s: float = 3600):
+        """{"text": delta} as tokens appear, then {"done": {...}}; a partial UTF-8 character waits for its rest."""
+        sent, tokenizer, started = "", None, time.monotonic()
+        while True:
+            finished = not self.running  # read before the folder: the last tokens are then on disk
+            if tokenizer is None and (self.run_dir / layout.RUN_JSON).is_file():
+                tokenizer = run_tokenizer(self.run_dir)
+            ids = self.reply_ids()
+            text = tokenizer.decode(ids, skip_special_tokens=True) if tokenizer else ""
+            if finished or not text.endswith("\ufffd"):
+                if text.startswith(sent) and text != sent:
+                    yield {"text": text[len(sent):]}
+                elif not text.startswith(sent):
+                    yield {"text": text, "replace": True}
+                sent = text
+            if finished or time.monotonic() - started > timeout_s:
+                yield {"done": self.result(len(ids))}
+                return
+            time.sleep(POLL_S)
+
+    def result(self, tokens: int) -> dict:
+        code = self.proc.wait()
+        summary = read_json(self.run_dir / layout.SUMMARY_JSON) or {} if code == 0 else {}
+        errors = [line for line in self.stderr if line.startswith("error:")]
+        return {"exit_code": code, "tokens": tokens,
+                "stop_reason": "stopped" if self.stopped else summary.get("stop_reason") or
+                ("error" if code else None),
+                "error": errors[-1] if errors and code else (self.stderr[-1] if code and self.stderr and
+                                                              not self.stopped else None),
+                "time_to_first_token_s": summary.get("time_to_first_token_s"),
+                "decode_tokens_per_s": summary.get("decode_tokens_per_s")}
+
+
+class ChatTurns:
+    """The turns this server started, by conversation (one at a time each), and where new conversations go."""
+
+    def __init__(self, folder: RunsFolder, defaults: dict, cwd: Path | None = None):
+        self.folder, self.defaults, self.cwd = folder, defaults, Path(cwd or os.getcwd())
+        self.turns: dict[str, ChatTurn] = {}
+        self.lock = threading.Lock()
+
+    def new_name(self) -> str:
+        stamp = time.strftime("%Y%m%d-%H%M%S")
+        for n in range(1000):
+            name = f"{CHATS}/{stamp}" + (f"-{n}" if n else "")
+            if not (self.folder.root / name).exists():
+                return name
+        raise RequestError(409, "too many new conversations this second")
+
+    def start(self, conversation: str | None, message: str, settings: dict) -> tuple[str, ChatTurn]:
+        if not message.strip():
+            raise RequestError(400, "the message is empty")
+        values = chat_options(settings, self.defaults)
+        with self.lock:
+            name = conversation or self.new_name()
+            if not self.folder.is_chat_folder(name):
+                raise RequestError(403, f"{name}: the chat writes only to its own folders ({CHATS}/NAME)")
+            run_dir = self.folder.path(name)
+            if name in self.turns and self.turns[name].running:
+                raise RequestError(409, f"{name}: a reply is still being generated; stop it first")
+            first_turn = not (run_dir / layout.RUN_JSON).is_file()
+            if not first_turn and not MULTI_TURN:
+                raise RequestError(409, "this build answers one message per conversation (multi-turn chat comes "
+                                        "with `stagepipe run --reply`); start a new chat")
+            (self.folder.root / CHATS).mkdir(parents=True, exist_ok=True)
+            turn = ChatTurn(run_dir, turn_argv(run_dir, message, values, first_turn), self.cwd)
+            self.turns[name] = turn
+        return name, turn
+
+    def get(self, conversation: str) -> ChatTurn | None:
+        return self.turns.get(conversation)
+
+    def stop_all(self, wait_s: float = 10):
+        """Ctrl-C every running turn and wait for them (the server is shutting down)."""
+        for turn in self.turns.values():
+            turn.stop()
+        for turn in self.turns.values():
+            try:
+                turn.proc.wait(timeout=wait_s)
+            except subprocess.TimeoutExpired:
+                turn.proc.kill()
