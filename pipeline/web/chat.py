@@ -34,7 +34,9 @@ from pipeline.web.folder import CHATS, RequestError, RunsFolder
 SETTINGS = ("onnx_dir", "steps", "temperature", "top_k", "top_p", "seed", "repetition_penalty", "no_think",
             "ignore_eos", "system")
 POLL_S = 0.1
-MULTI_TURN = any(f.name == "reply" for f in dataclasses.fields(RunOptions))
+_FIELDS = {f.name for f in dataclasses.fields(RunOptions)}
+AVAILABLE = tuple(s for s in SETTINGS if s in _FIELDS)
+MULTI_TURN = "reply" in _FIELDS
 
 
 def chat_options(settings: dict, defaults: dict) -> dict:
@@ -42,7 +44,7 @@ def chat_options(settings: dict, defaults: dict) -> dict:
     hints = typing.get_type_hints(RunOptions)
     values = dict(defaults)
     for name, raw in settings.items():
-        if name not in SETTINGS or name not in hints:
+        if name not in AVAILABLE:
             continue
         kind = hints[name] if hints[name] in (bool, int, float) else str
         try:
@@ -69,6 +71,8 @@ def turn_argv(run_dir: Path, message: str, values: dict, first_turn: bool) -> li
 def generated_ids(run_dir: Path, first_step: int) -> list[int]:
     """Tokens the steps from first_step on sampled so far (a prompt chunk that another chunk follows samples none)."""
     ids = []
+    if not run_dir.is_dir():  # the child has not made it yet
+        return ids
     for d in layout.step_dirs(run_dir):
         if layout.step_number(d.name) < first_step:
             continue
@@ -200,6 +204,11 @@ class ChatTurns:
             if not first_turn and not MULTI_TURN:
                 raise RequestError(409, "this build answers one message per conversation (multi-turn chat comes "
                                         "with `stagepipe run --reply`); start a new chat")
+            if values.get("onnx_dir"):
+                values["onnx_dir"] = str(self.cwd / values["onnx_dir"])  # as the child sees it from self.cwd
+                # the tokenizer loads while the child starts, so the first tokens stream as they come
+                threading.Thread(target=run_tokenizer, args=(run_dir, {"onnx_dir": values["onnx_dir"]}),
+                                 daemon=True).start()
             (self.folder.root / CHATS).mkdir(parents=True, exist_ok=True)
             turn = ChatTurn(run_dir, turn_argv(run_dir, message, values, first_turn), self.cwd)
             self.turns[name] = turn

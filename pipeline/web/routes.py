@@ -10,7 +10,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from pipeline.web import views
-from pipeline.web.chat import MULTI_TURN, SETTINGS, history
+from pipeline.web.chat import AVAILABLE, MULTI_TURN, history
 from pipeline.web.folder import RequestError
 
 
@@ -59,7 +59,7 @@ def chat_page(request: Request):
     chats = [r for r in folder.run_names() if folder.is_chat_folder(r)]
     onnx_dirs = sorted({e["onnx_dir"] for e in views.runs_list(folder)["runs"] if e["onnx_dir"]})
     return _page(request, "chat.html", "chat", "chat", conversation=name, chats=chats[::-1], multi_turn=MULTI_TURN,
-                 defaults=request.app.state.turns.defaults, settings=[s for s in SETTINGS], onnx_dirs=onnx_dirs)
+                 defaults=request.app.state.turns.defaults, settings=AVAILABLE, onnx_dirs=onnx_dirs)
 
 
 # -- JSON -------------------------------------------------------------------------------------------------------------

@@ -87,15 +87,21 @@
     }
     conversation = body.conversation;
     history.replaceState(null, "", `/chat?c=${encodeURIComponent(conversation)}`);
-    $("chat-title").textContent = conversation;
+    title();
     input.value = "";
     note.textContent = "";
     bubble("user", text);
     follow(bubble("assistant", ""));
   }
 
+  function title() {
+    $("chat-title").replaceChildren(conversation, " ", el("a", {href: `/run?run=${encodeURIComponent(conversation)}`,
+      class: "muted", style: "font-size:.6em", id: "run-link"}, "its run folder: every step →"));
+  }
+
   async function load() {
     if (!conversation) { busy(false); return; }
+    title();
     const r = await fetch(`/api/chat?c=${encodeURIComponent(conversation)}`);
     const data = await r.json();
     if (!r.ok) { note.replaceChildren(el("span", {class: "error-box"}, data.error)); return; }

@@ -91,7 +91,8 @@
     draw(canvas, {type: "bar", data: {labels: files.map((f) => f.file.replace(/^past_|\.npy$/g, "")), datasets: [
       {label: "filled slots", data: files.map((f) => f.nonzero_slots), backgroundColor: "#4c78a8"},
       {label: "empty slots", data: files.map((f) => f.slots - f.nonzero_slots), backgroundColor: "#dde3ec"}]},
-      options: {indexAxis: "y", scales: {x: {stacked: true, title: {display: true, text: "cache slots"}}, y: {stacked: true}}}});
+      options: {indexAxis: "y", scales: {x: {stacked: true, max: rec ? rec.max_cache_len : undefined,
+        title: {display: true, text: "cache slots"}}, y: {stacked: true}}}});
   }
 
   async function run() {
