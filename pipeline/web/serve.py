@@ -84,7 +84,11 @@ def serve(options: ServeOptions) -> int:
     where = "this machine only" if options.host in ("127.0.0.1", "localhost", "::1") else \
         f"reachable at {options.host}: anyone who can reach it can read the runs and start chats"
     print(f"stagepipe serve: {url}  (runs folder {Path(options.runs).resolve()}; {where}; Ctrl-C stops)", flush=True)
-    server.run(sockets=[sock])
+    try:
+        server.run(sockets=[sock])
+    except KeyboardInterrupt:  # uvicorn shuts down gracefully, then re-raises the Ctrl-C it caught
+        pass
+    print("stagepipe serve: stopped", flush=True)
     return 0
 
 

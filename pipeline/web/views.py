@@ -42,7 +42,7 @@ def rates(steps: list[dict], summary: dict | None) -> dict:
     """TTFT and decode tokens/s: summary.json's when written, else from the step timings so far."""
     if summary and summary.get("stop_reason") != "running":
         return {"ttft_s": summary["time_to_first_token_s"], "decode_tokens_per_s": summary["decode_tokens_per_s"],
-                "source": "summary.json"}
+                "source": layout.SUMMARY_JSON}
     done = [s for s in steps if s["complete"]]
     prefill = [s["total_ms"] for s in done if s["mode"] == "prefill"]
     decode = [s["total_ms"] for s in done if s["mode"] == "decode"]
