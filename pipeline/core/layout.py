@@ -90,6 +90,9 @@ LOGITS = "logits.npy"
 NEXT_TOKEN_ID = "next_token_id.txt"
 NEXT_TOKEN_TEXT = "next_token.txt"
 INPUT_FILES = (INPUT_IDS, ATTENTION_MASK, POSITION_IDS)
+# a block's new K/V rows: not step files (they go into the cache slots), but named like them where tools report them
+PRESENT_KEY = "present_key"
+PRESENT_VALUE = "present_value"
 _HIDDEN = re.compile(r"hidden_block(\d+)\.npy")
 
 

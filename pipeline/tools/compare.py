@@ -27,15 +27,14 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.core.cli_args import ArgumentParser
-from pipeline.core.atomic import atomic_write_path, write_text
-from pipeline.core.errors import StagepipeError, cli_entry, stdout_may_close
+from pipeline.core.errors import StagepipeError, cli_entry
 from pipeline.core.layout import INPUT_FILES, LOGITS, hidden_index, step_dirs, step_number, tensor_sort_key
 from pipeline.core.layout import writer_stage as stage_of
 from pipeline.tools.run_reading import classify, load_step_meta, open_npy, run_tokenizer, step_next_token, token_text
-from pipeline.tools.report import dump_json, fmt_num, format_table
+from pipeline.tools.drift_plot import require_matplotlib, write_plot
+from pipeline.tools.report import emit_report, fmt_num, format_table
 
 EXACT_FILES = set(INPUT_FILES)  # compared for equality
-ZERO_FLOOR = 1e-12  # where an exact match is drawn on the log-scale plot
 CHUNK = 1 << 21  # elements compared at a time
 
 
@@ -313,61 +312,6 @@ def print_report(r: dict):
         print(f"OK: all {r['tensors_compared']} tensors in {r['common_steps']} common steps are within tolerance")
 
 
-def require_matplotlib():
-    try:
-        import matplotlib
-    except ImportError:
-        raise StagepipeError("--plot needs matplotlib, which is not installed: pip install matplotlib") from None
-    matplotlib.use("Agg")
-
-
-def write_plot(r: dict, out: Path):
-    """Max abs error per step for each stage's output tensor (log y); failures marked x, NaN as a red band."""
-    require_matplotlib()
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    series: dict[str, dict] = {}
-    for s in r["steps"]:
-        x = step_number(s["step"]) or 0
-        for e in s["tensors"]:
-            if e["stage"] is None:
-                continue
-            line = series.setdefault(e["stage"], {"file": e["file"], "x": [], "y": [], "fail": [], "nan": []})
-            err = e["max_abs_err"]
-            if err is None or err != err:  # shape mismatch or NaN: no value to draw
-                line["nan"].append(x)
-                continue
-            line["x"].append(x)
-            line["y"].append(max(err, ZERO_FLOOR))
-            if e["exceeds"]:
-                line["fail"].append((x, max(err, ZERO_FLOOR)))
-    fig, ax = plt.subplots(figsize=(9, 5))
-    for stage in sorted(series, key=lambda st: tensor_sort_key(series[st]["file"])):
-        line = series[stage]
-        (drawn,) = ax.plot(line["x"], line["y"], marker="o", markersize=3,
-                           label=f"{stage} ({line['file'].removesuffix('.npy')})")
-        if line["fail"]:
-            ax.scatter(*zip(*line["fail"]), marker="x", s=60, color=drawn.get_color(), zorder=3)
-        for x in line["nan"]:
-            ax.axvspan(x - 0.3, x + 0.3, color="red", alpha=0.15)
-    ax.axhline(r["tolerance"]["atol"], color="red", linestyle="--", linewidth=1, label=f"atol {r['tolerance']['atol']:g}")
-    ax.set_yscale("log")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("step")
-    ax.set_ylabel(f"max abs error over real rows (exact: {ZERO_FLOOR:g})")
-    title = f"{r['run_a']} vs {r['run_b']}"
-    if r["first_failure"]:
-        title += f"\nfirst failure: {r['first_failure']['path']} (x: exceeds; red band: NaN or shape mismatch)"
-    ax.set_title(title, fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_write_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
-
-
 @cli_entry
 def main(argv=None):
     p = ArgumentParser(prog="python -m pipeline.compare", description=__doc__.split("\n")[0])
@@ -388,23 +332,12 @@ def main(argv=None):
     if a.plot is not None:
         require_matplotlib()  # fail before the work, not after
     report = compare(a.run_a, a.run_b, Tolerance(a.atol, a.rtol, a.min_cosine), strict=a.strict)
-    to_stdout = a.json is not None and str(a.json) == "-"
-    with stdout_may_close():
-        if to_stdout:
-            print(dump_json(report))
-        else:
-            print_report(report)
-        if a.json is not None and not to_stdout:
-            write_text(a.json, dump_json(report) + "\n")
-            print(f"report written to {a.json}")
-        if a.plot is not None:
-            write_plot(report, a.plot)
-            print(f"plot written to {a.plot}", file=sys.stderr if to_stdout else sys.stdout)
-        if a.html is not None:
-            from pipeline.tools.compare_view import write_html_report
+    emit_report(report, a.json, print_report, a.plot, write_plot)
+    if a.html is not None:
+        from pipeline.tools.compare_view import write_html_report
 
-            write_html_report(report, a.html)
-            print(f"HTML report written to {a.html}", file=sys.stderr if to_stdout else sys.stdout)
+        write_html_report(report, a.html)
+        print(f"HTML report written to {a.html}", file=sys.stderr if str(a.json) == "-" else sys.stdout)
     return 0 if report["ok"] else 1
 
 
