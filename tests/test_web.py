@@ -25,7 +25,7 @@ import pytest
 pytest.importorskip("starlette", reason="the web app needs the web extra: pip install -e '.[web]'")
 pytest.importorskip("uvicorn", reason="the web app needs the web extra: pip install -e '.[web]'")
 
-from tests.run_helpers import REPO, env_without_threads_noise  # noqa: E402
+from tests.run_helpers import REPO, env_without_threads_noise, one_line_error  # noqa: E402
 
 from pipeline.tools.compare import compare  # noqa: E402
 from pipeline.tools.compare_view import cell_detail, heat_map, write_html_report  # noqa: E402
@@ -128,17 +128,36 @@ def test_bad_requests_get_error_pages_not_tracebacks(runs, server):
         assert code == 422 and "no step folder in common" in json.loads(body)["error"]
     finally:
         shutil.rmtree(empty)
-    req = urllib.request.Request(server + "/api/chat/send", data=b"not json", method="POST")
+    for body, kind, status, needle in [(b"not json", "application/json", 400, "expected JSON"),
+                                       (b'{"message": "hi"}', "text/plain", 415, "as JSON")]:
+        req = urllib.request.Request(server + "/api/chat/send", data=body, method="POST",
+                                     headers={"Content-Type": kind})
+        with pytest.raises(urllib.error.HTTPError) as e:
+            urllib.request.urlopen(req, timeout=30)
+        assert e.value.code == status and needle in json.loads(e.value.read())["error"]
+    # another host name (DNS rebinding from a web page elsewhere) is refused
+    with pytest.raises(urllib.error.HTTPError) as e:
+        urllib.request.urlopen(urllib.request.Request(server + "/api/runs", headers={"Host": "evil.example"}))
+    assert e.value.code == 400
+
+
+def test_doit_serve_on_a_busy_port_is_one_error_line(runs):
+    import socket
+
+    busy = socket.socket()
+    busy.bind(("127.0.0.1", 0))
+    busy.listen(1)
     try:
-        urllib.request.urlopen(req, timeout=30)
-        raise AssertionError("accepted")
-    except urllib.error.HTTPError as e:
-        assert e.code == 400 and "expected JSON" in json.loads(e.read())["error"]
+        proc = subprocess.run([sys.executable, "-m", "doit", "serve", "--runs", str(runs["root"]), "--port",
+                               str(busy.getsockname()[1])], cwd=REPO, capture_output=True, text=True, timeout=60)
+    finally:
+        busy.close()
+    one_line_error(proc, "--port", "cannot listen there")
 
 
 def test_pages_read_and_never_write(runs, server):
     before = {p: p.stat().st_mtime_ns for p in runs["root"].rglob("*") if "chats" not in p.parts}
-    for path in ["/", "/run?run=x", "/step?run=x&step=step_0001", "/compare?a=bad&b=ref", "/api/runs",
+    for path in ["/", "/run?run=x", "/step?run=x&step=step_0001", "/compare?a=bad&b=ref", "/compare?a=x", "/api/runs",
                  "/api/run?run=x", "/api/step?run=x&step=step_0001", "/api/kv?run=x",
                  "/api/tensor?run=x&step=step_0001&file=logits.npy", "/api/compare?a=bad&b=ref",
                  "/api/compare/cell?a=bad&b=ref&step=step_0002&file=hidden_block1.npy"]:
@@ -226,9 +245,9 @@ def page(browser):
     assert errors == []  # no script error on any page
 
 
-def shot(page, name: str):
+def shot(page, name: str, full_page: bool = False):
     if SHOTS:
-        page.screenshot(path=str(Path(SHOTS) / f"web-{name}.png"))
+        page.screenshot(path=str(Path(SHOTS) / f"web-{name}.png"), full_page=full_page)
 
 
 def test_runs_list_run_and_step_pages(server, page):
@@ -270,7 +289,7 @@ def test_compare_marks_the_first_divergence(server, page):
     assert page.locator("#worst tbody tr").count() == 10
     assert all(abs(float(c) - 0.5) < 1e-3 for c in page.locator("#worst tbody tr td:nth-child(4)").all_inner_texts())
     assert page.locator("#error-histogram").count() == 1
-    shot(page, "compare")
+    shot(page, "compare", full_page=True)
     page.check("input[value=cosine]")  # colour by 1 - cosine: the same cell stays marked
     assert page.locator("td.cell.first-divergence").get_attribute("data-file") == TAMPERED[1]
 

@@ -9,6 +9,8 @@ from pathlib import Path
 import jinja2
 from starlette.applications import Starlette
 from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
+from starlette.middleware.trustedhost import TrustedHostMiddleware
 from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse
 from starlette.routing import Mount
@@ -21,6 +23,7 @@ from pipeline.web.chat import ChatTurns
 from pipeline.web.folder import RequestError, RunsFolder
 
 HERE = Path(__file__).parent
+LOOPBACK_NAMES = ("127.0.0.1", "localhost")
 TEMPLATES = jinja2.Environment(loader=jinja2.FileSystemLoader(HERE / "templates"), autoescape=True)
 
 
@@ -53,8 +56,10 @@ async def _bug(request, exc: Exception):
     return error_response(request, 500, f"internal error ({type(exc).__name__}); the server's console has the details")
 
 
-def make_app(runs: Path, chat_defaults: dict | None = None, cwd: Path | None = None) -> Starlette:
-    """The app for a runs folder; chat_defaults are RunOptions values the chat starts from (e.g. onnx_dir)."""
+def make_app(runs: Path, chat_defaults: dict | None = None, cwd: Path | None = None,
+             allowed_hosts=LOOPBACK_NAMES) -> Starlette:
+    """The app for a runs folder; chat_defaults are RunOptions values the chat starts from (e.g. onnx_dir).
+    Requests naming another host are refused (a web page elsewhere cannot reach it by DNS rebinding)."""
     folder = RunsFolder(runs)
     turns = ChatTurns(folder, chat_defaults or {}, cwd)
 
@@ -67,6 +72,7 @@ def make_app(runs: Path, chat_defaults: dict | None = None, cwd: Path | None = N
                             Mount("/assets", StaticFiles(directory=ASSETS), name="assets")],
                     exception_handlers={RequestError: _request_error, StagepipeError: _input_error,
                                         HTTPException: _http_error, Exception: _bug},
+                    middleware=[Middleware(TrustedHostMiddleware, allowed_hosts=list(allowed_hosts))],
                     lifespan=lifespan)
     app.state.folder, app.state.turns, app.state.render = folder, turns, render
     return app

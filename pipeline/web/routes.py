@@ -44,11 +44,11 @@ def step_page(request: Request):
 def compare_page(request: Request):
     folder = request.app.state.folder
     a, b = _q(request, "a"), _q(request, "b")
-    if a or b:
+    tol = views.tolerance(request.query_params)  # a bad number is an error page, not an empty view
+    if a and b:
         a, b = folder.name_of(folder.run(a)), folder.name_of(folder.run(b))
-        views.tolerance(request.query_params)  # a bad number is an error page, not an empty view
     return _page(request, "compare.html", "compare", "compare", a=a, b=b, runs=folder.run_names(),
-                 query=str(request.query_params))
+                 query=str(request.query_params), tol=vars(tol))
 
 
 def chat_page(request: Request):
@@ -113,6 +113,9 @@ def api_chat(request: Request):
 
 
 async def api_chat_send(request: Request):
+    if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+        # a form or text/plain POST from another site's page is refused (JSON needs a CORS preflight)
+        raise RequestError(415, "send the message as JSON (Content-Type: application/json)")
     try:
         body = await request.json()
         message, settings = str(body.get("message", "")), dict(body.get("settings") or {})
@@ -123,6 +126,8 @@ async def api_chat_send(request: Request):
 
 
 async def api_chat_stop(request: Request):
+    if request.headers.get("sec-fetch-site", "same-origin") not in ("same-origin", "none"):
+        raise RequestError(403, "stop requests come from the chat page itself")
     name = _q(request, "c")
     _conversation(request, name)
     turn = request.app.state.turns.get(name)

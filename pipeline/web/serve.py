@@ -46,13 +46,14 @@ def make_server(options: ServeOptions, cwd: Path | None = None):
     require_web_stack()
     import uvicorn
 
-    from pipeline.web.app import make_app
+    from pipeline.web.app import LOOPBACK_NAMES, make_app
 
     runs = Path(options.runs)
     if runs.exists() and not runs.is_dir():
         raise StagepipeError(f"--runs {runs}: is a file; give the folder that holds the run folders")
     defaults = {"onnx_dir": options.onnx_dir} if options.onnx_dir else {}
-    app = make_app(runs, defaults, cwd)
+    loopback = options.host in ("127.0.0.1", "localhost")
+    app = make_app(runs, defaults, cwd, allowed_hosts=LOOPBACK_NAMES if loopback else ["*"])
     sock = bind(options.host, options.port)
     host, port = sock.getsockname()[:2]
     config = uvicorn.Config(app, log_level="warning", lifespan="on", timeout_graceful_shutdown=5)

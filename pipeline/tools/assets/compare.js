@@ -79,7 +79,7 @@
           (isFirst ? "▶ " : "") + (broken ? (broken === "nan" ? "NaN" : "✕") : fmt(v)));
         return td;
       })));
-    const legend = el("span", {class: "legend"}, el("span", {class: "swatch", style: `background:${EXACT}`}), "0",
+    const legend = el("span", {class: "legend"}, el("span", {class: "swatch", style: `background:${EXACT}`}), "equal ·",
       fmt(10 ** s.lo), el("span", {class: "bar"}), fmt(10 ** s.hi),
       el("span", {class: "muted"}, metric === "cosine" ? "1 − cosine (log)" : "max abs error (log)"));
     return {table: el("table", {class: "heat", id: "heat"}, el("thead", {}, head), el("tbody", {}, rows)), legend};
