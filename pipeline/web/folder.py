@@ -46,7 +46,8 @@ class RunsFolder:
     def run(self, name: str | None) -> Path:
         path = self.path(name)
         if not looks_like_run_dir(path):
-            raise RequestError(404, f"{name}: no such run under {self.root} (a run folder holds run.json or step_NNNN/)")
+            raise RequestError(404, f"{name}: no such run under {self.root} (a run folder holds run.json or "
+                                    "step_NNNN/)")
         self.check_links(path)
         return path
 
