@@ -367,7 +367,8 @@ def test_chat_stop_button(runs, server, page):
     page.fill("#settings [name=steps]", "50")
     page.check("#settings [name=ignore_eos]")
     page.click("#send")
-    page.wait_for_function("document.querySelector('.msg.assistant .text').textContent.length > 0", timeout=90_000)
+    page.wait_for_function("(document.querySelector('.msg.assistant .text') || {textContent: ''}).textContent.length",
+                           timeout=90_000)
     page.click("#stop")
     page.wait_for_selector(".msg.assistant.done", timeout=60_000)
     assert "stop: stopped" in page.inner_text(".msg.assistant .stats")

@@ -180,6 +180,13 @@ class ChatTurns:
         self.folder, self.defaults, self.cwd = folder, defaults, Path(cwd or os.getcwd())
         self.turns: dict[str, ChatTurn] = {}
         self.lock = threading.Lock()
+        if defaults.get("onnx_dir"):
+            self.warm(str(self.cwd / defaults["onnx_dir"]))
+
+    def warm(self, onnx_dir: str):
+        """Load the model's tokenizer in the background (it is cached), so a reply streams from its first token
+        instead of arriving whole after a slow first load."""
+        threading.Thread(target=run_tokenizer, args=(self.folder.root, {"onnx_dir": onnx_dir}), daemon=True).start()
 
     def new_name(self) -> str:
         stamp = time.strftime("%Y%m%d-%H%M%S")
@@ -206,9 +213,7 @@ class ChatTurns:
                                         "with `stagepipe run --reply`); start a new chat")
             if values.get("onnx_dir"):
                 values["onnx_dir"] = str(self.cwd / values["onnx_dir"])  # as the child sees it from self.cwd
-                # the tokenizer loads while the child starts, so the first tokens stream as they come
-                threading.Thread(target=run_tokenizer, args=(run_dir, {"onnx_dir": values["onnx_dir"]}),
-                                 daemon=True).start()
+                self.warm(values["onnx_dir"])
             (self.folder.root / CHATS).mkdir(parents=True, exist_ok=True)
             turn = ChatTurn(run_dir, turn_argv(run_dir, message, values, first_turn), self.cwd)
             self.turns[name] = turn
