@@ -333,48 +333,69 @@ def test_run_page_follows_a_run_as_it_generates(runs, server, page):
 
 
 CHAT_OBSERVER = """() => { window.lengths = []; new MutationObserver(() => {
-    const t = document.querySelector('.msg.assistant .text');
-    if (t && !document.querySelector('.msg.assistant.done')) window.lengths.push(t.textContent.length); })
-  .observe(document.getElementById('messages'), {subtree: true, characterData: true, childList: true}); }"""
+    const all = document.querySelectorAll('.msg.assistant'), last = all[all.length - 1];
+    if (last && !last.classList.contains('done')) window.lengths.push(last.querySelector('.text').textContent.length);
+  }).observe(document.getElementById('messages'), {subtree: true, characterData: true, childList: true}); }"""
+LAST_REPLY = ".msg.assistant >> nth=-1"
 
 
-def test_chat_streams_a_reply_through_the_pipeline(runs, server, page):
-    page.goto(server + "/chat")
-    page.fill("#message", "Hello there, who are you?")
-    page.fill("#settings [name=steps]", "24")
-    page.check("#settings [name=ignore_eos]")
+def send(page, text: str, steps: int):
+    page.fill("#settings [name=steps]", str(steps))
+    page.fill("#message", text)
     page.evaluate(CHAT_OBSERVER)
     page.press("#message", "Enter")
+
+
+def conversation_dir(runs, page) -> Path:
+    return runs["root"] / page.url.split("c=")[1].replace("%2F", "/")
+
+
+def test_chat_streams_replies_through_the_pipeline(runs, server, page):
+    page.goto(server + "/chat")
+    page.check("#settings [name=ignore_eos]")
+    send(page, "Hello there, who are you?", 24)
     page.wait_for_selector(".msg.assistant.done", timeout=90_000)
     lengths = [n for n in page.evaluate("window.lengths") if n]
     assert len(set(lengths)) >= 2, lengths  # the reply grew in several pieces: streamed, not sent at the end
     assert "stop: max_steps · 24 tokens" in page.inner_text(".msg.assistant .stats")
-    conversation = page.url.split("c=")[1].replace("%2F", "/")
-    run_dir = runs["root"] / conversation
-    summary = json.loads((run_dir / "summary.json").read_text())
-    assert summary["prompt"] == "Hello there, who are you?" and len(summary["generated_token_ids"]) == 24
-    assert page.inner_text(".msg.assistant .text") == summary["text"]
+    run_dir = conversation_dir(runs, page)
+    first = json.loads((run_dir / "summary.json").read_text())
+    assert first["prompt"] == "Hello there, who are you?" and len(first["generated_token_ids"]) == 24
+    assert page.inner_text(".msg.assistant .text") == first["text"]
     assert json.loads((run_dir / "run.json").read_text())["chat"]  # the chat template was applied
-    assert page.locator("#send").is_disabled()  # one message per conversation until multi-turn lands
+    # a second message continues the conversation over the same KV cache: only its reply streams
+    send(page, "And what can you do?", 8)
+    page.wait_for_selector(".msg.assistant.done >> nth=1", timeout=90_000)
+    turns = json.loads((run_dir / "summary.json").read_text())["turns"]
+    assert [t["role"] for t in turns] == ["user", "assistant", "user", "assistant"]
+    assert turns[2]["text"] == "And what can you do?" and len(turns[3]["token_ids"]) == 8
+    assert page.inner_text(LAST_REPLY + " >> .text") == turns[3]["text"]
+    assert turns[3]["first_step"] > turns[1]["last_step"]
     shot(page, "chat")
+    page.reload()  # the conversation reads back from its run folder
+    page.wait_for_selector(".msg.assistant >> nth=1")
+    assert page.locator(".msg").count() == 4 and page.inner_text(LAST_REPLY + " >> .text") == turns[3]["text"]
     page.click("#run-link")  # the conversation is a run like any other
     page.wait_for_selector("#steps-table")
 
 
 def test_chat_stop_button(runs, server, page):
     page.goto(server + "/chat")
-    page.fill("#message", "Tell me a long story.")
-    page.fill("#settings [name=steps]", "50")
     page.check("#settings [name=ignore_eos]")
-    page.click("#send")
+    send(page, "Tell me a long story.", 40)
     page.wait_for_function("(document.querySelector('.msg.assistant .text') || {textContent: ''}).textContent.length",
                            timeout=90_000)
     page.click("#stop")
     page.wait_for_selector(".msg.assistant.done", timeout=60_000)
     assert "stop: stopped" in page.inner_text(".msg.assistant .stats")
-    conversation = page.url.split("c=")[1].replace("%2F", "/")
-    steps = len(list((runs["root"] / conversation).glob("step_*")))
-    assert 1 <= steps < 50  # it stopped early; the finished steps stay
+    stopped = page.inner_text(".msg.assistant .text")
+    # the next message follows the reply as it was cut short (it is not finished first)
+    send(page, "Shorter, please.", 4)
+    page.wait_for_selector(".msg.assistant.done >> nth=1", timeout=90_000)
+    turns = json.loads((conversation_dir(runs, page) / "summary.json").read_text())["turns"]
+    assert [t["role"] for t in turns] == ["user", "assistant", "user", "assistant"]
+    assert 1 <= len(turns[1]["token_ids"]) < 40 and turns[1]["text"] == stopped
+    assert len(turns[3]["token_ids"]) == 4
 
 
 def test_error_page_in_the_browser(server, page):

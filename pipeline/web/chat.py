@@ -1,19 +1,15 @@
-"""The chat page's engine: each conversation is a run folder under <runs>/chats/, and each message starts a turn,
-a `stagepipe run` child process on that folder (a stop is Ctrl-C: its finished steps stay, like any run). The
-reply streams from the step folders as they appear, the way every other page reads runs.
+"""The chat page's engine: each conversation is a run folder under <runs>/chats/, and each message is a turn run by
+a child process (`python -m pipeline.web.turn`: doit chat's Chat, one message) on that folder. The stop button is
+its Ctrl-C: the reply ends after the step running, its steps stay, and the next message follows it. The reply
+streams from the step folders as they appear, the way every other page reads runs.
 
     turn = turns.start(conversation, message, settings)   # returns at once; the child process generates
     for event in turn.events():                            # {"text": "..."} deltas, then {"done": {...}}
         ...
     turn.stop()
-
-One turn per conversation while `stagepipe run` has no --reply (multi-turn chat arrives with the chat-turns work);
-when RunOptions has `reply`, a later message continues the same folder with --reply, and history() reads the
-turns summary.json lists.
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import signal
 import subprocess
@@ -30,13 +26,10 @@ from pipeline.run.options import RunOptions
 from pipeline.tools.run_reading import load_step_meta, read_json, run_tokenizer, step_next_token
 from pipeline.web.folder import CHATS, RequestError, RunsFolder
 
-# what the chat page may set (those RunOptions has: repetition_penalty and system arrive with chat-turns)
+# what the chat page may set (RunOptions fields)
 SETTINGS = ("onnx_dir", "steps", "temperature", "top_k", "top_p", "seed", "repetition_penalty", "no_think",
             "ignore_eos", "system")
 POLL_S = 0.1
-_FIELDS = {f.name for f in dataclasses.fields(RunOptions)}
-AVAILABLE = tuple(s for s in SETTINGS if s in _FIELDS)
-MULTI_TURN = "reply" in _FIELDS
 
 
 def chat_options(settings: dict, defaults: dict) -> dict:
@@ -44,7 +37,7 @@ def chat_options(settings: dict, defaults: dict) -> dict:
     hints = typing.get_type_hints(RunOptions)
     values = dict(defaults)
     for name, raw in settings.items():
-        if name not in AVAILABLE:
+        if name not in SETTINGS:
             continue
         kind = hints[name] if hints[name] in (bool, int, float) else str
         try:
@@ -56,16 +49,29 @@ def chat_options(settings: dict, defaults: dict) -> dict:
     return values
 
 
-def turn_argv(run_dir: Path, message: str, values: dict, first_turn: bool) -> list[str]:
-    """The `stagepipe run` command of one turn: the first renders the message with the chat template; a later one
-    (multi-turn builds) appends it with --reply."""
-    values = {**values, "run_root": str(run_dir)}
-    values.update(prompt=message, chat=True) if first_turn else values.update(reply=message)
+def turn_argv(run_dir: Path, message: str, values: dict) -> list[str]:
+    """The child's command: pipeline.web.turn with the message and the page's settings as run_auto flags."""
+    values = {**values, "run_root": str(run_dir), "reply": message}
     try:
         from_values(RunOptions, values)  # a bad choice fails here, not in the child
-        return [sys.executable, "-m", "pipeline.cli", "run", *to_argv(RunOptions, values)]
+        return [sys.executable, "-m", "pipeline.web.turn", *to_argv(RunOptions, values)]
     except (StagepipeError, TypeError) as e:
         raise RequestError(400, f"chat settings: {e}") from None
+
+
+def turn_start(run_dir: Path, message: str) -> int | None:
+    """The first step of the turn that answers `message`: the last user turn run.json records, when it is that
+    message (turn 0 is run.json's prompt); None before the child has recorded it."""
+    try:
+        settings = read_json(run_dir / layout.RUN_JSON)
+    except StagepipeError:  # being replaced: the next poll reads it
+        return None
+    if not settings:
+        return None
+    turns = settings.get("turns") or []
+    if turns:
+        return turns[-1]["first_step"] if turns[-1]["text"] == message else None
+    return 0 if settings.get("prompt") == message else None
 
 
 def generated_ids(run_dir: Path, first_step: int) -> list[int]:
@@ -89,43 +95,45 @@ def generated_ids(run_dir: Path, first_step: int) -> list[int]:
 
 
 def history(run_dir: Path) -> list[dict]:
-    """The conversation as messages: summary.json's turns when it lists them (multi-turn), else the prompt and
-    its reply."""
+    """The conversation as messages: summary.json's turns, then any user turn run.json records beyond them (its
+    reply is being generated)."""
     settings = read_json(run_dir / layout.RUN_JSON) or {}
     summary = read_json(run_dir / layout.SUMMARY_JSON) or {}
-    if summary.get("turns"):
-        return [{k: t.get(k) for k in ("role", "text", "stop_reason", "time_to_first_token_s", "decode_tokens_per_s")}
-                for t in summary["turns"]]
-    if "prompt" not in settings:
-        return []
-    reply = {"role": "assistant", "text": summary.get("text"), "stop_reason": summary.get("stop_reason"),
-             "time_to_first_token_s": summary.get("time_to_first_token_s"),
-             "decode_tokens_per_s": summary.get("decode_tokens_per_s")}
-    if reply["text"] is None:  # no summary yet: what the steps sampled
-        tokenizer = run_tokenizer(run_dir, settings)
-        ids = generated_ids(run_dir, 0)
-        reply["text"] = tokenizer.decode(ids, skip_special_tokens=True) if tokenizer else f"{len(ids)} tokens"
-    return [{"role": "user", "text": settings["prompt"]}, reply]
+    keys = ("role", "text", "stop_reason", "time_to_first_token_s", "decode_tokens_per_s")
+    messages = [{k: t.get(k) for k in keys} for t in summary.get("turns", [])]
+    if not messages and summary.get("text") is not None:  # a one-prompt run (made before conversations)
+        messages = [{"role": "user", "text": summary["prompt"]}, {"role": "assistant", **{k: summary.get(k)
+                                                                                       for k in keys[1:]}}]
+    users = [settings["prompt"]] + [t["text"] for t in settings.get("turns", [])] if "prompt" in settings else []
+    told = sum(m["role"] == "user" for m in messages)
+    return messages + [{"role": "user", "text": text} for text in users[told:]]
 
 
 class ChatTurn:
     """One reply being generated by a child process; events() follows it through the run folder."""
 
-    def __init__(self, run_dir: Path, argv: list[str], cwd: Path):
-        self.run_dir = run_dir
-        self.first_step = len(layout.step_dirs(run_dir)) if run_dir.is_dir() else 0
+    def __init__(self, run_dir: Path, message: str, argv: list[str], cwd: Path):
+        self.run_dir, self.message = run_dir, message
+        self.first_step: int | None = None  # known once the child has recorded the turn in run.json
+        self.recorded_at = self._run_json_mtime()
         self.stopped = False
-        self.stderr: list[str] = []
+        self.output: list[str] = []  # the child's last lines (its error line, when it fails)
         # the child imports this very code (not another checkout's installed copy)
         code_root = str(Path(__file__).resolve().parents[2])
         env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [code_root, os.environ.get("PYTHONPATH")])))
-        self.proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL,
-                                     stderr=subprocess.PIPE, text=True, encoding="utf-8", errors="replace")
+        self.proc = subprocess.Popen(argv, cwd=cwd, env=env, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE,
+                                     stderr=subprocess.STDOUT, text=True, encoding="utf-8", errors="replace")
         threading.Thread(target=self._drain, daemon=True).start()
 
     def _drain(self):
-        for line in self.proc.stderr:
-            self.stderr.append(line.rstrip("\n"))
+        for line in self.proc.stdout:
+            self.output = (self.output + [line.rstrip("\n")])[-50:]
+
+    def _run_json_mtime(self) -> int | None:
+        try:
+            return (self.run_dir / layout.RUN_JSON).stat().st_mtime_ns
+        except OSError:
+            return None
 
     @property
     def running(self) -> bool:
@@ -138,7 +146,9 @@ class ChatTurn:
             self.proc.send_signal(signal.SIGINT)
 
     def reply_ids(self) -> list[int]:
-        return generated_ids(self.run_dir, self.first_step)
+        if self.first_step is None and self._run_json_mtime() != self.recorded_at:
+            self.first_step = turn_start(self.run_dir, self.message)
+        return [] if self.first_step is None else generated_ids(self.run_dir, self.first_step)
 
     def events(self, timeout_s: float = 3600):
         """{"text": delta} as tokens appear, then {"done": {...}}; a partial UTF-8 character waits for its rest."""
@@ -162,15 +172,14 @@ class ChatTurn:
 
     def result(self, tokens: int) -> dict:
         code = self.proc.wait()
-        summary = read_json(self.run_dir / layout.SUMMARY_JSON) or {} if code == 0 else {}
-        errors = [line for line in self.stderr if line.startswith("error:")]
+        turns = (read_json(self.run_dir / layout.SUMMARY_JSON) or {}).get("turns") if code == 0 else None
+        reply = turns[-1] if turns and turns[-1]["role"] == "assistant" else {}
+        errors = [line for line in self.output if line.startswith("error:")]
         return {"exit_code": code, "tokens": tokens,
-                "stop_reason": "stopped" if self.stopped else summary.get("stop_reason") or
-                ("error" if code else None),
-                "error": errors[-1] if errors and code else (self.stderr[-1] if code and self.stderr and
-                                                              not self.stopped else None),
-                "time_to_first_token_s": summary.get("time_to_first_token_s"),
-                "decode_tokens_per_s": summary.get("decode_tokens_per_s")}
+                "stop_reason": "stopped" if self.stopped else reply.get("stop_reason") or ("error" if code else None),
+                "error": (errors or self.output or ["(no output)"])[-1] if code and not self.stopped else None,
+                "time_to_first_token_s": reply.get("time_to_first_token_s"),
+                "decode_tokens_per_s": reply.get("decode_tokens_per_s")}
 
 
 class ChatTurns:
@@ -207,15 +216,11 @@ class ChatTurns:
             run_dir = self.folder.path(name)
             if name in self.turns and self.turns[name].running:
                 raise RequestError(409, f"{name}: a reply is still being generated; stop it first")
-            first_turn = not (run_dir / layout.RUN_JSON).is_file()
-            if not first_turn and not MULTI_TURN:
-                raise RequestError(409, "this build answers one message per conversation (multi-turn chat comes "
-                                        "with `stagepipe run --reply`); start a new chat")
             if values.get("onnx_dir"):
                 values["onnx_dir"] = str(self.cwd / values["onnx_dir"])  # as the child sees it from self.cwd
                 self.warm(values["onnx_dir"])
             (self.folder.root / CHATS).mkdir(parents=True, exist_ok=True)
-            turn = ChatTurn(run_dir, turn_argv(run_dir, message, values, first_turn), self.cwd)
+            turn = ChatTurn(run_dir, message, turn_argv(run_dir, message, values), self.cwd)
             self.turns[name] = turn
         return name, turn
 

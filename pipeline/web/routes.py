@@ -10,7 +10,7 @@ from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
 
 from pipeline.web import views
-from pipeline.web.chat import AVAILABLE, MULTI_TURN, history
+from pipeline.web.chat import history
 from pipeline.web.folder import RequestError
 
 
@@ -58,8 +58,8 @@ def chat_page(request: Request):
         raise RequestError(404, f"{name}: not a conversation of this page (they live in chats/NAME)")
     chats = [r for r in folder.run_names() if folder.is_chat_folder(r)]
     onnx_dirs = sorted({e["onnx_dir"] for e in views.runs_list(folder)["runs"] if e["onnx_dir"]})
-    return _page(request, "chat.html", "chat", "chat", conversation=name, chats=chats[::-1], multi_turn=MULTI_TURN,
-                 defaults=request.app.state.turns.defaults, settings=AVAILABLE, onnx_dirs=onnx_dirs)
+    return _page(request, "chat.html", "chat", "chat", conversation=name, chats=chats[::-1],
+                 defaults=request.app.state.turns.defaults, onnx_dirs=onnx_dirs)
 
 
 # -- JSON -------------------------------------------------------------------------------------------------------------
@@ -108,8 +108,7 @@ def api_chat(request: Request):
     run_dir = _conversation(request, name)
     turn = request.app.state.turns.get(name)
     messages = history(run_dir) if run_dir.is_dir() else []
-    return JSONResponse({"conversation": name, "messages": messages, "running": bool(turn and turn.running),
-                         "multi_turn": MULTI_TURN})
+    return JSONResponse({"conversation": name, "messages": messages, "running": bool(turn and turn.running)})
 
 
 async def api_chat_send(request: Request):

@@ -31,12 +31,8 @@
   function busy(on) {
     send.disabled = on;
     stop.disabled = !on;
-    input.disabled = on || (!page.multi_turn && box.querySelector(".msg.assistant") !== null);
-    if (!on && input.disabled) {
-      note.textContent = "This build answers one message per conversation (multi-turn chat comes with " +
-        "`stagepipe run --reply`): press “new chat” to ask again.";
-      send.disabled = true;
-    }
+    input.disabled = on;
+    if (!on) input.focus();
   }
 
   function settings() {
