@@ -106,9 +106,6 @@ class VisionSpec(BaseModel):
     precision: Literal["fp32", "fp16"]
     graphs: dict[str, GraphSpec]  # "vision_patch", "vision_block0".., "vision_merger"
 
-    def stage_names(self) -> list[str]:
-        return ["vision_patch"] + [f"vision_block{b.index}" for b in self.blocks] + ["vision_merger"]
-
 
 class SourceFile(BaseModel):
     size: int

@@ -4,9 +4,11 @@ folder. Every other module imports these names; none spells them.
     onnx_dir/   manifest.json, config.json, generation_config.json, tokenizer files,
                 prefill/ and decode/: <stage>.onnx (whole cache), block<K>_c<W>.onnx (attention window W),
                 <stage>.data (weights; decode's are hard links of prefill's)
-    run folder/ run.json, summary.json, .lock, .doit.db, kv_cache/, step_0000/, step_0001/, ...
+                vision/ (VL models): vision_patch, vision_block<K>, vision_merger .onnx + .data
+    run folder/ run.json, summary.json, .lock, .doit.db, kv_cache/, vision/ (image runs), step_0000/, ...
     step_NNNN/  meta.json, input_ids.npy, attention_mask.npy, position_ids.npy, hidden_block0..N.npy,
                 logits.npy, next_token_id.txt, next_token.txt
+    vision/     meta.json, pixel_patches.npy, vision_hidden0..N.npy, image_embeds.npy (the image step)
     kv_cache/   cache.json, past_key_block<K>.npy, past_value_block<K>.npy
 """
 from __future__ import annotations
@@ -48,6 +50,23 @@ def graph_file(mode: str, stage: str, window: int, max_cache_len: int) -> str:
 def weights_file(mode: str, stage: str) -> str:
     """The external-data file a stage's graphs in one mode folder read (all windows share it)."""
     return f"{mode}/{stage}.data"
+
+
+VISION = "vision"  # the vision graphs' folder in an onnx_dir, and the image step's folder in a run folder
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
+
+
+def vision_stage_names(blocks: int) -> list[str]:
+    """The vision stages in pipeline order: vision_patch, vision_block0..N-1, vision_merger."""
+    return ["vision_patch"] + [f"vision_block{k}" for k in range(blocks)] + ["vision_merger"]
+
+
+def vision_graph_file(stage: str) -> str:
+    return f"{VISION}/{stage}.onnx"
+
+
+def vision_weights_file(stage: str) -> str:
+    return f"{VISION}/{stage}.data"
 
 
 # -- run folder ----------------------------------------------------------------------------------------------------
@@ -163,6 +182,17 @@ def read_token_file(path: Path) -> int:
 
 def token_file_text(token_id: int) -> str:
     return f"{token_id}\n"
+
+
+# -- the image step (a run's vision/ folder) ----------------------------------------------------------------------
+PIXEL_PATCHES = "pixel_patches.npy"
+IMAGE_EMBEDS = "image_embeds.npy"
+
+
+def vision_hidden_file(k: int) -> str:
+    """The vision hidden states entering vision_block k (vision_hidden0 comes from vision_patch; the last one
+    feeds vision_merger)."""
+    return f"vision_hidden{k}.npy"
 
 
 # -- KV cache folder -----------------------------------------------------------------------------------------------

@@ -14,9 +14,9 @@ import numpy as np
 
 from pipeline.core.errors import StagepipeError
 from pipeline.core.jsonfile import load_manifest
-from pipeline.core.layout import graph_set, graph_set_window
+from pipeline.core.layout import VISION, graph_set, graph_set_window
 from pipeline.runtime.plan import hidden_dtype, window_for
-from schemas.manifest import Manifest
+from schemas.manifest import GraphSpec, Manifest
 
 
 class Backend:
@@ -37,6 +37,20 @@ class Backend:
 
     def output(self, hidden: np.ndarray) -> np.ndarray:
         raise NotImplementedError
+
+    def vision(self, stage: str, x: np.ndarray) -> np.ndarray:
+        """VL models: one vision stage (pipeline/convert/vision_graphs.py): "vision_patch" (N,P) pixel patches
+        -> (N,C); "vision_block{K}" (N,C) -> (N,C); "vision_merger" (N,C) -> image embeds (M,E)."""
+        raise NotImplementedError
+
+    def graph_spec(self, graphs: str, stage: str) -> GraphSpec:
+        """A graph of the manifest: graphs is a graph set ("prefill", "decode_c128", ...) or "vision"."""
+        m = self.manifest
+        if graphs == VISION:
+            if m.vision is None or stage not in m.vision.graphs:
+                raise StagepipeError(f"{self.onnx_dir}: no vision graph {stage!r}; convert a Qwen2.5-VL checkpoint")
+            return m.vision.graphs[stage]
+        return m.graphs[graphs][stage]
 
     def mode_for(self, T: int) -> str:
         m = self.manifest
@@ -110,7 +124,7 @@ class OnnxBackend(Backend):
             on_process_pool = self.process_pool and cpu and use_process_thread_pool(opts, self.threads)
             if self.threads and not on_process_pool:
                 opts.intra_op_num_threads = self.threads
-            path = self.onnx_dir / self.manifest.graphs[mode][stage].file
+            path = self.onnx_dir / self.graph_spec(mode, stage).file
             try:
                 if share:
                     for name, value in self._weights.initializers(path):
@@ -139,6 +153,9 @@ class OnnxBackend(Backend):
 
     def output(self, hidden):
         return self._run("output", hidden.shape[1], {"hidden_states": hidden})[0]
+
+    def vision(self, stage, x):
+        return self.session(VISION, stage).run(None, {self.graph_spec(VISION, stage).inputs[0].name: x})[0]
 
 
 class ReferenceBackend(Backend):
@@ -170,6 +187,15 @@ class ReferenceBackend(Backend):
 
     def output(self, hidden):
         return self.model.output(hidden)
+
+    def vision(self, stage, x):
+        from pipeline.runtime.vision import VisionReference
+
+        self.graph_spec(VISION, stage)  # one of these graphs' vision stages
+        spec = self.manifest.vision
+        if getattr(self, "_vision", None) is None:
+            self._vision = VisionReference(self.model.model_dir, spec.image_size, self.model.weights)
+        return self._vision.run_stage(stage, x, spec.blocks)
 
 
 class SharedWeights:

@@ -64,6 +64,15 @@ class VisionReference:
         x = self._linear(gelu(self._linear(x, "visual.merger.mlp.0")), "visual.merger.mlp.2")
         return x[self.layout.unit_restore]
 
+    def run_stage(self, stage: str, x: np.ndarray, blocks) -> np.ndarray:
+        """One vision stage by name; blocks: the manifest's vision BlockSpecs (layers of each vision_block)."""
+        if stage == "vision_patch":
+            return self.patch(x)
+        if stage == "vision_merger":
+            return self.merger(x)
+        b = blocks[int(stage.removeprefix("vision_block"))]
+        return self.layers(range(b.layer_start, b.layer_end), x)
+
     def _layer(self, layer: int, x: np.ndarray) -> np.ndarray:
         c, p = self.config, f"visual.blocks.{layer}"
         N, heads, D = len(x), c.num_heads, c.head_dim
