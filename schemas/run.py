@@ -64,6 +64,9 @@ class StepMeta(Strict):
     sample_next: bool = True  # False for a prompt chunk that another prompt chunk follows
     # md5 of the previous step's last hidden states: stands for the cache content this step attends to
     history: str = ""
+    # VL models (M-RoPE): positions past the prompt are cache slot + position_delta (runtime/mrope.py); None for
+    # text models
+    position_delta: int | None = None
     stages: dict[str, StageRecord] = {}
     next_token_id: int | None = None
 

@@ -35,7 +35,7 @@ def test_config_layouts_of_transformers_4_and_5_parse_alike(vl_dir, tmp_path):
     assert "text_config" not in json.loads((old / "config.json").read_text())
     text, vision = load_model_config(vl_dir), load_vision_config(vl_dir)
     assert load_model_config(old) == text and load_vision_config(old) == vision
-    assert text.mrope_section == [2, 3, 3] and text.qkv_bias and not text.qk_norm and text.tie_word_embeddings
+    assert text.mrope_section == [2, 3, 3] and text.qkv_bias and not text.qk_norm and not text.tie_word_embeddings
     assert (vision.depth, vision.fullatt_block_indexes, vision.out_hidden_size) == (4, [1, 3], text.hidden_size)
     (tmp_path / "config.json").write_text(json.dumps({"architectures": ["Qwen3ForCausalLM"]}))
     assert load_vision_config(tmp_path) is None
@@ -208,3 +208,111 @@ def test_vision_graphs_are_standard_and_static(vl_onnx):
     assert all(g["initializers"]["external_bytes"] > 0 for g in vision)
     blocks = [g for g in report["graphs"] if g["graph"].startswith("prefill/block")]
     assert blocks and all(i["shape"] == [3, 1, 8] for g in blocks for i in g["inputs"] if i["name"] == "position_ids")
+
+
+# -- the language side: M-RoPE, image rows, generation -------------------------------------------------------------
+NEW_TOKENS = 16
+
+
+@pytest.fixture(scope="module")
+def image_prompt(vl_onnx):
+    """The chat prompt's ids with the image's tokens, as transformers' processor makes them."""
+    from pipeline.core.jsonfile import load_manifest
+    from pipeline.runtime.image_prompt import DEFAULT_IMAGE_CHAT, with_image_tokens
+    from pipeline.runtime.tokenizer import Tokenizer
+
+    vision = load_manifest(vl_onnx).vision
+    tokenizer = Tokenizer.load(vl_onnx)
+    text = DEFAULT_IMAGE_CHAT.format(prompt="What is in this picture?")
+    ids = with_image_tokens(tokenizer.encode(text), vision)
+    # the processor repeats <|image_pad|> once per image token (Qwen2_5_VLProcessor.replace_image_token)
+    assert ids == tokenizer.encode(text.replace("<|image_pad|>", "<|image_pad|>" * vision.image_tokens))
+    assert with_image_tokens(ids, vision) == ids
+    bare = with_image_tokens(tokenizer.encode("Hi"), vision)
+    assert bare[0] == vision.config.vision_start_token_id and bare[vision.image_tokens + 1] == \
+        vision.config.vision_end_token_id
+    return ids
+
+
+def _image_embeds(backend, image):
+    from pipeline.core.jsonfile import load_manifest
+
+    vision = load_manifest(backend.onnx_dir).vision
+    x = image_patches(image, vision.config, vision.image_size)
+    for stage in ["vision_patch"] + [f"vision_block{b.index}" for b in vision.blocks] + ["vision_merger"]:
+        x = backend.vision(stage, x)
+    return x
+
+
+def test_position_ids_equal_get_rope_index(vl_onnx, vl_model, hf_vision, image_prompt):
+    from pipeline.core.jsonfile import load_manifest
+    from pipeline.runtime.mrope import MropeStep, rope_index
+    from tests.vl_oracle import hf_rope_index
+
+    _, grid, _ = hf_vision
+    image_id = 151655
+    first = image_prompt.index(image_id)
+    for ids in (image_prompt, image_prompt[first:] + [11, 12, 13], [7] + image_prompt[first:first + 25]):
+        expected, delta = hf_rope_index(vl_model, ids, grid, image_id)
+        ours, our_delta = rope_index(ids, image_id, grid[0].tolist(), 2)
+        assert np.array_equal(ours, expected[:, 0]) and our_delta == delta
+    # a step's (3,1,T) rows: the prompt's positions, then slot + delta past the prompt (padding rows)
+    step = MropeStep.for_prompt(image_prompt, load_manifest(vl_onnx).vision, np.zeros((25, 64), np.float32))
+    expected, delta = hf_rope_index(vl_model, image_prompt, grid, image_id)
+    L = len(image_prompt)
+    got = step.positions(L - 3, 8)[:, 0]
+    assert np.array_equal(got[:, :3], expected[:, 0, L - 3:])
+    assert (got[:, 3:] == np.arange(L, L + 5) + delta).all()
+
+
+@pytest.mark.parametrize("backend", ["onnx", "reference"])
+def test_image_prompt_generates_what_transformers_generates(vl_onnx, vl_model, hf_vision, image, image_prompt,
+                                                            backend):
+    """Greedy tokens for an image + text prompt (prefilled in chunks of T=8, the image's 25 tokens among them)
+    equal transformers' generate with pixel_values."""
+    from pipeline.runtime.backends import make_backend
+    from pipeline.runtime.generate import generate
+    from pipeline.runtime.mrope import MropeStep
+    from tests.vl_oracle import hf_generate
+
+    pixels, grid, _ = hf_vision
+    b = make_backend(backend, vl_onnx)
+    embeds = _image_embeds(b, image)
+    ours = generate(b, image_prompt, NEW_TOKENS, mrope=MropeStep.for_prompt(image_prompt, b.manifest.vision, embeds))
+    expected, margins = hf_generate(vl_model, image_prompt, pixels, grid, 151655, NEW_TOKENS)
+    assert min(margins) > 1e-2 and len(set(expected)) >= 6, (margins, expected)
+    assert ours == expected
+
+
+def test_text_steps_of_a_vl_model_equal_a_text_model(vl_dir, vl_onnx, vl_model, tmp_path):
+    """Three equal position rows are plain RoPE: the VL graphs give a text prompt the tokens (and logits) of a
+    Qwen2 text model with the same language weights."""
+    from pipeline.checkpoint.safetensors_io import CheckpointWeights, save_safetensors
+    from pipeline.runtime.backends import make_backend
+    from pipeline.runtime.generate import MemoryKVCache, forward_step, generate
+    from pipeline.runtime.mrope import MropeStep
+    from pipeline.runtime.tokenizer import Tokenizer
+    from tests.vl_oracle import TEXT, hf_generate
+
+    text_dir = tmp_path / "text"
+    text_dir.mkdir()
+    weights = CheckpointWeights(vl_dir)
+    save_safetensors(text_dir / "model.safetensors",
+                     {n: weights.get(n) for n in weights.names() if not n.startswith("visual.")})
+    config = {k: v for k, v in TEXT.items() if k != "rope_parameters"}
+    config.update(architectures=["Qwen2ForCausalLM"], rope_theta=1e6, tie_word_embeddings=False,
+                  torch_dtype="float32", use_sliding_window=False)
+    (text_dir / "config.json").write_text(json.dumps(config))
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        shutil.copy(vl_dir / name, text_dir / name)
+    text_onnx = tmp_path / "text_onnx"
+    _convert(text_dir, text_onnx)
+    vl, text = make_backend("onnx", vl_onnx), make_backend("onnx", text_onnx)
+    prompt = Tokenizer.load(vl_onnx).encode("Tell me a story about a dragon and a lighthouse keeper.")
+    assert len(prompt) > 8
+    expected, margins = hf_generate(vl_model, prompt, None, None, 151655, 12)
+    assert min(margins) > 1e-2 and len(set(expected)) >= 6
+    assert generate(vl, prompt, 12) == generate(text, prompt, 12) == expected
+    a, b = MemoryKVCache(vl.manifest), MemoryKVCache(text.manifest)
+    np.testing.assert_allclose(forward_step(vl, a, prompt[:8], 0, all_rows=True, mrope=MropeStep()),
+                               forward_step(text, b, prompt[:8], 0, all_rows=True), atol=1e-5, rtol=0)

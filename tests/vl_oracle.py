@@ -24,21 +24,27 @@ VISION = dict(depth=4, hidden_size=64, intermediate_size=96, num_heads=2, out_hi
               window_size=56, patch_size=14, spatial_merge_size=2, temporal_patch_size=2, tokens_per_second=2)
 
 
-def make_vl_checkpoint(out_dir: Path, seed: int = VL_SEED) -> Path:
-    """Write the tiny Qwen2.5-VL checkpoint (float32, tied embeddings, transformers 5.x config layout)."""
+def make_vl_checkpoint(out_dir: Path, seed: int = VL_SEED, tied: bool = False) -> Path:
+    """Write the tiny Qwen2.5-VL checkpoint (float32, transformers 5.x config layout). Untied: with tied embeddings
+    the residual stream keeps echoing the input token and greedy text repeats one token."""
     from transformers import Qwen2_5_VLConfig, Qwen2_5_VLForConditionalGeneration
 
     from pipeline.demo.tokenizer_files import write_qwen3_tokenizer
 
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
-    config = Qwen2_5_VLConfig(text_config=dict(TEXT, tie_word_embeddings=True), vision_config=VISION,
-                              tie_word_embeddings=True, architectures=["Qwen2_5_VLForConditionalGeneration"])
+    config = Qwen2_5_VLConfig(text_config=dict(TEXT, tie_word_embeddings=tied), vision_config=VISION,
+                              tie_word_embeddings=tied, architectures=["Qwen2_5_VLForConditionalGeneration"])
     with torch.random.fork_rng():
         model = Qwen2_5_VLForConditionalGeneration(config).to(torch.float32).eval()
     _redraw_parameters(model, seed)
     model.save_pretrained(out_dir)
     write_qwen3_tokenizer(out_dir)
+    # the demo tokenizer carries Qwen3's text-only chat template; a VL checkpoint without one gets Qwen2.5-VL's format
+    tokenizer_config = json.loads((out_dir / "tokenizer_config.json").read_text())
+    tokenizer_config.pop("chat_template", None)
+    (out_dir / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2))
+    (out_dir / "chat_template.jinja").unlink(missing_ok=True)
     gen = {"bos_token_id": 151643, "eos_token_id": [151645, 151643], "do_sample": False}
     (out_dir / "generation_config.json").write_text(json.dumps(gen, indent=2) + "\n")
     return out_dir
