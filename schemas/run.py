@@ -38,6 +38,7 @@ class RunSettings(Strict):
     full_logits: bool = False  # prefill steps keep logits for all T rows, not just the last
     stop_token_ids: list[int] = []
     sampling: SamplingSettings
+    image: str | None = None  # VL models: the image file (the run's vision/ step); None for text prompts
 
 
 class StageRecord(Strict):
@@ -69,6 +70,21 @@ class StepMeta(Strict):
     position_delta: int | None = None
     stages: dict[str, StageRecord] = {}
     next_token_id: int | None = None
+
+
+class VisionMeta(Strict):
+    """meta.json of an image step (a run's vision/ folder): the vision stages of one image."""
+
+    schema_version: int = RUN_SCHEMA_VERSION
+    kind: Literal["vision"] = "vision"
+    image: str  # the image file
+    image_digest: str  # md5 of its bytes
+    image_size: int  # it was resized to image_size x image_size
+    grid: list[int]  # [t, h, w] patches
+    image_tokens: int  # rows of image_embeds.npy
+    onnx_fingerprint: str
+    backend: str = "onnx"
+    stages: dict[str, StageRecord] = {}  # preprocess, vision_patch, vision_block0.., vision_merger
 
 
 class RunSummary(Strict):

@@ -3,6 +3,9 @@
 Step 0 of a prompt:  --prompt "text or file" (or --tokens_file ids.txt) --past_len 0
 Next prompt chunk:   the same --prompt with --past_len 16 (takes the prompt's tokens from past_len on)
 A decode step:       --prev_step runs/x/step_0001 (or --tokens_file runs/x/step_0001/next_token_id.txt)
+With an image (VL):  --image_embeds runs/x/vision/image_embeds.npy on every prompt step: the prompt's
+                     <|image_pad|> (or, without one, the prompt's start) gets the image's tokens, whose rows of
+                     hidden_block0.npy are the image embeddings; positions are M-RoPE's (pipeline/runtime/mrope.py)
 """
 from __future__ import annotations
 
@@ -10,6 +13,7 @@ from pathlib import Path
 
 from pipeline.core.errors import StagepipeError, cli_entry
 from pipeline.core.layout import NEXT_TOKEN_ID, step_name
+from pipeline.runtime.image_prompt import image_prompt_step
 from pipeline.runtime.stage_ops import token_embed
 from pipeline.core.tensors import parse_token_ids
 from pipeline.runtime.tokenizer import Tokenizer
@@ -59,6 +63,8 @@ def main(argv=None):
                         "sibling step_{N-1} folder when past_len > 0)")
     p.add_argument("--hidden_out", type=Path, default=None, help="default STEP_DIR/hidden_block0.npy")
     p.add_argument("--input_ids", type=Path, default=None, help="default STEP_DIR/input_ids.npy")
+    p.add_argument("--image_embeds", type=Path, default=None,
+                   help="VL models: the image step's image_embeds.npy (python -m stages.vision), for prompt steps")
     add_sampling_args(p)
     a = p.parse_args(argv)
     if a.past_len < 0:
@@ -72,7 +78,9 @@ def main(argv=None):
         ids = Tokenizer.load(a.onnx_dir).encode(text)
     else:
         ids = parse_token_ids(a.prev_step / NEXT_TOKEN_ID if a.prev_step else (a.tokens_file or a.init_tokens))
-    if a.prompt is not None or (a.tokens_file or a.init_tokens) and len(ids) > 1:
+    whole_prompt = a.prompt is not None or bool(a.tokens_file or a.init_tokens) and len(ids) > 1
+    ids, mrope = image_prompt_step(m, ids, a.image_embeds, whole_prompt)
+    if whole_prompt:
         # a whole prompt: this step takes the tokens from past_len on, at most max_input_len of them
         if a.past_len >= len(ids):
             raise StagepipeError(f"--past_len {a.past_len}: the prompt has only {len(ids)} tokens")
@@ -91,7 +99,7 @@ def main(argv=None):
             raise StagepipeError(f"--past_len {a.past_len} > 0: give --after_step (the step before this one); "
                                  f"{prev} is not there")
     meta = token_embed(backend, step_paths(a, input_ids=a.input_ids), step, a.past_len, chunk, sampling,
-                       sample_next, a.hidden_out, prev_step_dir=prev)
+                       sample_next, a.hidden_out, prev_step_dir=prev, mrope=mrope)
     print(f"{a.step_dir}: {meta.mode} step {meta.step}, past_len {meta.past_len}, {meta.q_len} tokens")
 
 

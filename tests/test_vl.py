@@ -284,17 +284,13 @@ def test_image_prompt_generates_what_transformers_generates(vl_onnx, vl_model, h
     assert ours == expected
 
 
-def test_text_steps_of_a_vl_model_equal_a_text_model(vl_dir, vl_onnx, vl_model, tmp_path):
-    """Three equal position rows are plain RoPE: the VL graphs give a text prompt the tokens (and logits) of a
-    Qwen2 text model with the same language weights."""
+@pytest.fixture(scope="module")
+def text_twin_onnx(vl_dir, tmp_path_factory):
+    """A Qwen2 text model with the VL checkpoint's language weights, converted."""
     from pipeline.checkpoint.safetensors_io import CheckpointWeights, save_safetensors
-    from pipeline.runtime.backends import make_backend
-    from pipeline.runtime.generate import MemoryKVCache, forward_step, generate
-    from pipeline.runtime.mrope import MropeStep
-    from pipeline.runtime.tokenizer import Tokenizer
-    from tests.vl_oracle import TEXT, hf_generate
+    from tests.vl_oracle import TEXT
 
-    text_dir = tmp_path / "text"
+    text_dir = tmp_path_factory.mktemp("text_twin") / "ckpt"
     text_dir.mkdir()
     weights = CheckpointWeights(vl_dir)
     save_safetensors(text_dir / "model.safetensors",
@@ -305,9 +301,20 @@ def test_text_steps_of_a_vl_model_equal_a_text_model(vl_dir, vl_onnx, vl_model, 
     (text_dir / "config.json").write_text(json.dumps(config))
     for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
         shutil.copy(vl_dir / name, text_dir / name)
-    text_onnx = tmp_path / "text_onnx"
-    _convert(text_dir, text_onnx)
-    vl, text = make_backend("onnx", vl_onnx), make_backend("onnx", text_onnx)
+    _convert(text_dir, text_dir.parent / "onnx")
+    return text_dir.parent / "onnx"
+
+
+def test_text_steps_of_a_vl_model_equal_a_text_model(vl_onnx, text_twin_onnx, vl_model):
+    """Three equal position rows are plain RoPE: the VL graphs give a text prompt the tokens (and logits) of a
+    Qwen2 text model with the same language weights, and transformers' tokens."""
+    from pipeline.runtime.backends import make_backend
+    from pipeline.runtime.generate import MemoryKVCache, forward_step, generate
+    from pipeline.runtime.mrope import MropeStep
+    from pipeline.runtime.tokenizer import Tokenizer
+    from tests.vl_oracle import hf_generate
+
+    vl, text = make_backend("onnx", vl_onnx), make_backend("onnx", text_twin_onnx)
     prompt = Tokenizer.load(vl_onnx).encode("Tell me a story about a dragon and a lighthouse keeper.")
     assert len(prompt) > 8
     expected, margins = hf_generate(vl_model, prompt, None, None, 151655, 12)
@@ -316,3 +323,90 @@ def test_text_steps_of_a_vl_model_equal_a_text_model(vl_dir, vl_onnx, vl_model, 
     a, b = MemoryKVCache(vl.manifest), MemoryKVCache(text.manifest)
     np.testing.assert_allclose(forward_step(vl, a, prompt[:8], 0, all_rows=True, mrope=MropeStep()),
                                forward_step(text, b, prompt[:8], 0, all_rows=True), atol=1e-5, rtol=0)
+
+
+# -- the image step and run_auto -----------------------------------------------------------------------------------
+def test_run_auto_with_image_generates_what_transformers_generates(vl_onnx, vl_model, hf_vision, image, image_prompt,
+                                                                   tmp_path):
+    """doit run_auto --image --chat: the image step, a 52-token prompt prefilled in 7 chunks of 8 (the image's 25
+    tokens across 4 of them), 16 greedy tokens equal to transformers' generate; a rerun redoes nothing."""
+    from tests.run_helpers import run_doit, summary
+    from tests.vl_oracle import hf_generate
+
+    root = tmp_path / "run"
+    args = ["--onnx_dir", vl_onnx, "--run_root", root, "--image", image, "--prompt", "What is in this picture?",
+            "--chat", "--steps", NEW_TOKENS, "--ignore_eos"]
+    run_doit(*args)
+    s = summary(root)
+    assert s["prompt_token_ids"] == image_prompt
+    pixels, grid, _ = hf_vision
+    expected, _ = hf_generate(vl_model, image_prompt, pixels, grid, 151655, NEW_TOKENS)
+    assert s["generated_token_ids"] == expected
+    vision = root / "vision"
+    assert sorted(p.name for p in vision.iterdir()) == ["image_embeds.npy", "meta.json", "pixel_patches.npy",
+                                                          "vision_hidden0.npy", "vision_hidden1.npy",
+                                                          "vision_hidden2.npy"]
+    assert np.array_equal(np.load(vision / "pixel_patches.npy"), pixels)
+    meta = json.loads((root / "step_0006" / "meta.json").read_text())
+    assert meta["position_delta"] == -20 and np.load(root / "step_0006" / "position_ids.npy").shape == (3, 1, 8)
+    stamps = {p: p.stat().st_mtime_ns for p in root.glob("*/*.npy")}
+    run_doit(*args)
+    assert all(p.stat().st_mtime_ns == t for p, t in stamps.items()), "a rerun recomputed finished work"
+
+
+def test_stages_by_hand_with_an_image_equal_run_auto(vl_dir, image, tmp_path):
+    """stages.vision, then token_embed --image_embeds for each prompt chunk (the image split across two of
+    them), blocks and output, then decode steps: byte-identical to run_auto's files."""
+    from stages import block, output, token_embed, vision
+    from tests.run_helpers import run_doit, run_stage, step_files
+
+    onnx_dir = tmp_path / "onnx16"
+    _convert(vl_dir, onnx_dir, max_input_len=16)
+    auto = tmp_path / "auto"
+    run_doit("--onnx_dir", onnx_dir, "--run_root", auto, "--image", image, "--prompt", "Describe it.",
+             "--steps", 3, "--ignore_eos")
+    hand = tmp_path / "hand"
+    run_stage("vision", "--step_dir", hand / "vision", "--onnx_dir", onnx_dir, "--image", image)
+    embeds, kv = hand / "vision" / "image_embeds.npy", hand / "kv_cache"
+    prompt_len = len(json.loads((auto / "run.json").read_text())["prompt_token_ids"])
+    assert prompt_len > 16
+    for s in range(4):
+        step = hand / f"step_{s:04d}"
+        common = ["--step_dir", str(step), "--onnx_dir", str(onnx_dir)]
+        if s < 2:
+            token_embed.main(common + ["--past_len", str(s * 16), "--prompt", "Describe it.", "--image_embeds",
+                                       str(embeds)])
+        else:
+            token_embed.main(common + ["--past_len", str(prompt_len + s - 2), "--prev_step",
+                                       str(hand / f"step_{s - 1:04d}")])
+        for k in range(2):
+            block.main(common + ["--block", str(k), "--kv_dir", str(kv)])
+        output.main(common)
+    ours, theirs = step_files(hand), step_files(auto)
+    assert len(ours) == len(theirs) and all(data == theirs[name] for name, data in ours.items())
+    for name in ("pixel_patches.npy", "vision_hidden1.npy", "image_embeds.npy"):
+        assert (hand / "vision" / name).read_bytes() == (auto / "vision" / name).read_bytes()
+    # replay one vision stage on its input file: the same bytes again
+    embeds.unlink()
+    vision.main(["--step_dir", str(hand / "vision"), "--onnx_dir", str(onnx_dir), "--stage", "vision_merger"])
+    assert embeds.read_bytes() == (auto / "vision" / "image_embeds.npy").read_bytes()
+
+
+def test_vl_input_errors_are_one_line(vl_onnx, text_twin_onnx, image, tmp_path, capsys):
+    from pipeline.run.main import run_auto
+    from pipeline.run.options import RunOptions
+    from stages import token_embed, vision
+
+    for main, argv in ((vision.main, ["--step_dir", tmp_path / "v", "--onnx_dir", text_twin_onnx, "--image", image]),
+                       (vision.main, ["--step_dir", tmp_path / "v", "--onnx_dir", vl_onnx, "--image",
+                                      tmp_path / "missing.png"]),
+                       (token_embed.main, ["--step_dir", tmp_path / "s", "--onnx_dir", vl_onnx, "--past_len", 0,
+                                           "--prompt", "<|image_pad|> what?"]),
+                       (token_embed.main, ["--step_dir", tmp_path / "s", "--onnx_dir", text_twin_onnx, "--past_len",
+                                           0, "--prompt", "what?", "--image_embeds", tmp_path / "e.npy"])):
+        with pytest.raises(SystemExit) as exit_info:
+            main([str(a) for a in argv])
+        err = capsys.readouterr().err
+        assert exit_info.value.code == 2 and err.startswith("error:") and len(err.strip().splitlines()) == 1, err
+    assert run_auto(RunOptions(onnx_dir=str(text_twin_onnx), run_root=str(tmp_path / "r"), image=str(image))) == 2
+    assert "text model's graphs" in capsys.readouterr().err

@@ -12,6 +12,8 @@ DEFAULT_PROMPT = "Give me a short introduction to large language models."
 @dataclass(frozen=True)
 class RunOptions:
     prompt: str = option("", "prompt text (default: a demo prompt)")
+    image: str = option("", "VL models: an image file the prompt is about (its tokens go where the prompt writes "
+                            "<|image_pad|>, else before the prompt)")
     model_path: str = option("", "HF checkpoint: converted first when the onnx_dir is missing or stale")
     onnx_dir: str = option("", "converted model folder (default with --model_path: onnx/<model folder name>)")
     run_root: str = option("runs/demo", "the run's folder")

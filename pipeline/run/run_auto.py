@@ -17,6 +17,7 @@ from pipeline.core.atomic import write_text
 from pipeline.core.errors import StagepipeError
 from pipeline.core.jsonfile import load_manifest, load_model_file
 from pipeline.core.layout import StepPaths, read_token_file, step_name
+from pipeline.run.image_run import ImageStep
 from pipeline.run.lock import lock_run_dir
 from pipeline.run.options import RunOptions
 from pipeline.runtime import stage_ops
@@ -29,7 +30,7 @@ from schemas.run import RunSettings
 
 # run.json fields a rerun must keep unless it branches (--from_step) or starts over (--clean)
 FIXED_SETTINGS = ("prompt", "chat", "no_think", "prompt_token_ids", "onnx_fingerprint", "backend", "ignore_eos",
-                  "full_logits", "sampling")
+                  "full_logits", "sampling", "image")
 
 
 def changed_settings(old: RunSettings, new: RunSettings) -> list[str]:
@@ -59,8 +60,12 @@ class Run:
         prompt = options.prompt_text()
         if not prompt.strip():
             raise StagepipeError("--prompt is empty; give some text")
-        text = Tokenizer.chat_prompt(prompt, no_think=options.no_think) if options.chat else prompt
-        ids = self.tokenizer.encode(text)
+        self.image = ImageStep(self.dir, m, Path(options.image), self.onnx_dir) if options.image else None
+        if self.image:  # a VL model's image step comes first (pipeline/run/image_run.py)
+            ids = self.image.prompt_ids(self.tokenizer, prompt, options.chat, self.onnx_dir)
+        else:
+            text = Tokenizer.chat_prompt(prompt, no_think=options.no_think) if options.chat else prompt
+            ids = self.tokenizer.encode(text)
         if len(ids) >= m.max_cache_len:
             raise StagepipeError(f"the prompt has {len(ids)} tokens; the {m.max_cache_len}-slot KV cache needs room "
                                  "for at least one more: shorten it or convert with a larger --max_cache_len")
@@ -71,7 +76,7 @@ class Run:
             onnx_dir=str(self.onnx_dir.resolve()), onnx_fingerprint=m.graphs_fingerprint, backend=options.backend,
             max_new_tokens=options.steps, ignore_eos=options.ignore_eos, full_logits=options.full_logits,
             stop_token_ids=[] if options.ignore_eos else m.model.eos_token_ids,
-            sampling=check_sampling(options.sampling()))
+            sampling=check_sampling(options.sampling()), image=options.image or None)
         self.chunks = prompt_chunks(ids, m.max_input_len)
         # the first new token comes from the last prompt step; each decode step then feeds one token in
         decode_steps = min(options.steps - 1, m.max_cache_len - len(ids))
@@ -149,6 +154,9 @@ class Run:
             self.backend.open_all(max_tokens=len(self.settings.prompt_token_ids) + self.n_steps - len(self.chunks))
 
     # -- actions -------------------------------------------------------------------------------------------------
+    def vision(self):
+        self.image.run(self.backend)
+
     def embed(self, s: int):
         if self.stopped_before(s):
             shutil.rmtree(self.step_dir(s), ignore_errors=True)
@@ -157,7 +165,8 @@ class Run:
         tokens = self.chunks[s] if s < n else [read_token_file(self.step_dir(s - 1) / layout.NEXT_TOKEN_ID)]
         stage_ops.token_embed(self.backend, StepPaths(self.step_dir(s)), s, self.past_len(s), tokens,
                               self.settings.sampling, sample_next=s >= n - 1,
-                              prev_step_dir=self.step_dir(s - 1) if s else None)
+                              prev_step_dir=self.step_dir(s - 1) if s else None,
+                              mrope=self.image.mrope(self.settings.prompt_token_ids) if self.image and s < n else None)
 
     def block(self, s: int, k: int):
         if self.stopped_before(s):
@@ -192,6 +201,8 @@ class Run:
         m, n = self.manifest, len(self.chunks)
         blocks = len(m.blocks)
         outputs = []
+        if self.image:
+            yield self.image.task(guard(self.vision), basename, self.options.backend)
         for s in range(self.n_steps):
             d, name = self.step_dir(s), step_name(s)
             stopped = (lambda s=s: False if self.stopped_before(s) else None,)
@@ -200,6 +211,8 @@ class Run:
             deps = list(history)
             if s >= n:
                 deps.append(str(self.step_dir(s - 1) / layout.NEXT_TOKEN_ID))
+            elif self.image:
+                deps.append(self.image.embeds_file)
             step_config = {"tokens": self.chunks[s] if s < n else "previous", "past_len": self.past_len(s),
                            "onnx": m.graphs_fingerprint, "backend": self.options.backend}
             yield {"basename": basename, "name": f"{name}:embed", "actions": [guard(self.embed, s)],

@@ -51,3 +51,24 @@ def image_chat_text(prompt: str, folder: Path) -> str:
         return DEFAULT_IMAGE_CHAT.format(prompt=prompt)
     content = [{"type": "image"}, {"type": "text", "text": prompt}]
     return ChatTemplate.load(folder).render([{"role": "user", "content": content}], add_generation_prompt=True)
+
+
+def image_prompt_step(manifest, ids: list[int], image_embeds: Path | None, whole_prompt: bool):
+    """-> (ids, MropeStep or None) for a token_embed step: with an image step's image_embeds.npy the prompt gets
+    the image's tokens and its rows; a VL prompt naming <|image_pad|> without them is refused."""
+    from pipeline.runtime.mrope import MropeStep
+    from pipeline.runtime.vision_stage import load_image_embeds
+
+    vision = manifest.vision
+    if image_embeds is None:
+        if vision is not None and whole_prompt and vision.config.image_token_id in ids:
+            raise StagepipeError("the prompt has <|image_pad|>: give --image_embeds (the image step's "
+                                 "image_embeds.npy, from python -m stages.vision)")
+        return ids, None
+    if vision is None:
+        raise StagepipeError("--image_embeds: these graphs are a text model's (no vision graphs)")
+    if not whole_prompt:
+        raise StagepipeError("--image_embeds goes with the prompt's steps (--prompt or --tokens_file), not a decode "
+                             "step")
+    ids = with_image_tokens(ids, vision)
+    return ids, MropeStep.for_prompt(ids, vision, load_image_embeds(Path(image_embeds), vision))

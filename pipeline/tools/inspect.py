@@ -25,7 +25,7 @@ from pipeline.core import layout
 from pipeline.core.jsonfile import load_model_file
 from pipeline.core.layout import step_dirs, step_number, tensor_sort_key
 from pipeline.tools.report import dump_json, fmt_num, format_table
-from schemas.run import CacheRecord, RunSummary, StepMeta
+from schemas.run import CacheRecord, RunSummary, StepMeta, VisionMeta
 
 CHUNK = 1 << 22  # elements reduced at a time
 
@@ -68,9 +68,16 @@ def read_json(path: Path) -> dict | None:
     return data
 
 
+def is_image_step(step_dir: Path) -> bool:
+    """A VL run's vision/ folder (its meta.json is a VisionMeta)."""
+    meta = read_json(Path(step_dir) / layout.META)
+    return bool(meta) and meta.get("kind") == "vision"
+
+
 def load_step_meta(step_dir: Path) -> StepMeta | None:
+    """A step's meta.json; None when absent or for an image step (whose meta is a VisionMeta)."""
     path = Path(step_dir) / layout.META
-    return load_model_file(path, StepMeta) if path.is_file() else None
+    return load_model_file(path, StepMeta) if path.is_file() and not is_image_step(step_dir) else None
 
 
 def step_next_token(step_dir: Path, meta: StepMeta | None) -> int | None:
@@ -298,7 +305,8 @@ def print_run(info: dict):
 # -- step ---------------------------------------------------------------------------------------------------------
 def inspect_step(step_dir: Path) -> dict:
     meta_path = step_dir / layout.META
-    meta = load_model_file(meta_path, StepMeta).model_dump() if meta_path.is_file() else None
+    kind = VisionMeta if is_image_step(step_dir) else StepMeta
+    meta = load_model_file(meta_path, kind).model_dump() if meta_path.is_file() else None
     text_path = step_dir / layout.NEXT_TOKEN_TEXT
     return {"kind": "step", "path": str(step_dir), "meta": meta,
             "next_token_text": text_path.read_text(encoding="utf-8", errors="replace") if text_path.is_file() else None,
@@ -308,7 +316,7 @@ def inspect_step(step_dir: Path) -> dict:
 def print_step(info: dict):
     print(f"step {info['path']}")
     meta = info["meta"]
-    if meta and meta["mode"] == "prefill" and meta["q_len"] < meta["max_input_len"]:
+    if meta and meta.get("mode") == "prefill" and meta["q_len"] < meta["max_input_len"]:
         print(f"  (prefill: rows {meta['q_len']}..{meta['max_input_len'] - 1} of the (1,T,...) hidden_block*/logits "
               "are padding; statistics include them)")
     print()
