@@ -189,12 +189,17 @@ def test_fp16_vision_keeps_activations_in_float32(vl_dir, vl_onnx, hf_vision, tm
     assert kinds.pop("Gemm") == {"FLOAT16"}
     assert kinds == {op: {"FLOAT"} for op in ("Sigmoid", "Softmax", "ReduceMean", "Erf")}
     pixels, _, _ = hf_vision
+    # onnxruntime's CPU provider runs float16 Gemms in float32 (weights rounded only); the reference evaluator with
+    # a float16-in/float16-out Gemm gives what fp16 hardware computes
+    from benchmarks.vl_bench import cosine, fp16_device_run
+
     fp16, fp32 = make_backend("onnx", out), make_backend("onnx", vl_onnx)
+    device = fp16_device_run(out, pixels)
     x16, x32 = pixels, pixels
     for stage in ["vision_patch", "vision_block0", "vision_block1", "vision_merger"]:
         x16, x32 = fp16.vision(stage, x16), fp32.vision(stage, x32)
-        cosine = float((x16 * x32).sum() / np.linalg.norm(x16) / np.linalg.norm(x32))
-        assert cosine >= 0.999, f"{stage}: cosine {cosine}"
+        for name, value in (("onnxruntime", x16), ("fp16 arithmetic", device[stage])):
+            assert cosine(value, x32) >= 0.999, f"{stage}, {name}: cosine {cosine(value, x32)}"
 
 
 def test_vision_graphs_are_standard_and_static(vl_onnx):

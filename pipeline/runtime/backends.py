@@ -43,6 +43,9 @@ class Backend:
         -> (N,C); "vision_block{K}" (N,C) -> (N,C); "vision_merger" (N,C) -> image embeds (M,E)."""
         raise NotImplementedError
 
+    def close(self, graphs: str, stage: str):
+        """Free what running a graph holds (sessions, mapped weights); the next use opens it again."""
+
     def graph_spec(self, graphs: str, stage: str) -> GraphSpec:
         """A graph of the manifest: graphs is a graph set ("prefill", "decode_c128", ...) or "vision"."""
         m = self.manifest
@@ -157,6 +160,12 @@ class OnnxBackend(Backend):
     def vision(self, stage, x):
         return self.session(VISION, stage).run(None, {self.graph_spec(VISION, stage).inputs[0].name: x})[0]
 
+    def close(self, graphs: str, stage: str):
+        """Drop a graph's session and unmap the weights no other session reads (the image step closes each vision
+        stage after its one run: the 3B tower's 2.7 GB are never all mapped at once, nor kept for generation)."""
+        if self._sessions.pop((graphs, stage), None) is not None:
+            self._weights.release(self.onnx_dir / self.graph_spec(graphs, stage).file)
+
 
 class ReferenceBackend(Backend):
     """The numpy reference, reading the checkpoint the onnx_dir was converted from."""
@@ -204,7 +213,8 @@ class SharedWeights:
 
     def __init__(self):
         self._arrays: dict[tuple, np.ndarray] = {}
-        self._values = []  # OrtValues must outlive the sessions that use them
+        self._values: dict[Path, list] = {}  # per graph: OrtValues must outlive the sessions that use them
+        self._keys: dict[Path, set] = {}  # per graph: the arrays its session reads
 
     def prefault(self):
         """Map every weight page into this process now. Touching one byte per page takes ~0.15 s for 2.3 GB;
@@ -230,8 +240,16 @@ class SharedWeights:
                 dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
                 self._arrays[key] = np.memmap(data_file, dtype=dtype, mode="r", offset=key[2], shape=tuple(t.dims))
             value = ort.OrtValue.ortvalue_from_numpy(self._arrays[key])
-            self._values.append(value)
+            self._values.setdefault(graph_path, []).append(value)
+            self._keys.setdefault(graph_path, set()).add(key)
             yield t.name, value
+
+    def release(self, graph_path: Path):
+        """Unmap the weights only this graph's (closed) session read."""
+        self._values.pop(graph_path, None)
+        mine = self._keys.pop(graph_path, set())
+        for key in mine - set().union(*self._keys.values()):
+            self._arrays.pop(key, None)
 
 
 _pool_threads: int | None = None  # the size the process-wide onnxruntime thread pool was made with

@@ -19,7 +19,7 @@ import numpy as np
 from pipeline.core.atomic import write_npy, write_text
 from pipeline.core.errors import StagepipeError
 from pipeline.core.jsonfile import load_model_file
-from pipeline.core.layout import IMAGE_EMBEDS, META, PIXEL_PATCHES, vision_hidden_file, vision_stage_names
+from pipeline.core.layout import IMAGE_EMBEDS, META, PIXEL_PATCHES, VISION, vision_hidden_file, vision_stage_names
 from pipeline.core.tensors import digest, parse_tensor, read_file
 from pipeline.runtime.backends import Backend
 from pipeline.runtime.image_preprocess import image_patches
@@ -93,6 +93,7 @@ def vision_step(backend: Backend, step_dir: Path, image: Path | None, only: str 
         else:
             x = parse_tensor(raw, step_dir / src, files_shape(files, src), np.float32, "vision tensor")
             result = backend.vision(stage, x)
+            backend.close(VISION, stage)  # an image step runs each vision graph once: unmap its weights now
         if tuple(result.shape) != shape:
             raise StagepipeError(f"{stage} gave shape {list(result.shape)}, expected {list(shape)}")
         write_npy(out, np.ascontiguousarray(result, dtype=np.float32))
