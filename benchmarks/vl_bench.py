@@ -36,7 +36,11 @@ REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
 from benchmarks.convert_bench import dir_bytes, run_child  # noqa: E402
+from pipeline.checkpoint.model_config import load_model_config  # noqa: E402
 from pipeline.checkpoint.safetensors_io import f32_to_bf16_bits  # noqa: E402
+from pipeline.checkpoint.vl_config import load_vision_config  # noqa: E402
+from pipeline.convert.source import expected_tensors  # noqa: E402
+from pipeline.convert.vision_graphs import expected_vision_tensors  # noqa: E402
 from pipeline.core.atomic import write_json  # noqa: E402
 
 TARGET_WALL_S = 180.0
@@ -65,35 +69,9 @@ PREPROCESSOR = {"min_pixels": 3136, "max_pixels": 12845056, "patch_size": 14, "t
                 "processor_class": "Qwen2_5_VLProcessor"}
 
 
-def tensor_shapes(cfg: dict) -> dict[str, tuple[int, ...]]:
-    H, I, V = cfg["hidden_size"], cfg["intermediate_size"], cfg["vocab_size"]
-    D = H // cfg["num_attention_heads"]
-    KV = cfg["num_key_value_heads"] * D
-    shapes = {"model.embed_tokens.weight": (V, H)}
-    for i in range(cfg["num_hidden_layers"]):
-        p = f"model.layers.{i}"
-        shapes.update({f"{p}.input_layernorm.weight": (H,), f"{p}.post_attention_layernorm.weight": (H,),
-                       f"{p}.self_attn.q_proj.weight": (H, H), f"{p}.self_attn.q_proj.bias": (H,),
-                       f"{p}.self_attn.k_proj.weight": (KV, H), f"{p}.self_attn.k_proj.bias": (KV,),
-                       f"{p}.self_attn.v_proj.weight": (KV, H), f"{p}.self_attn.v_proj.bias": (KV,),
-                       f"{p}.self_attn.o_proj.weight": (H, H), f"{p}.mlp.gate_proj.weight": (I, H),
-                       f"{p}.mlp.up_proj.weight": (I, H), f"{p}.mlp.down_proj.weight": (H, I)})
-    shapes["model.norm.weight"] = (H,)
-    v = cfg["vision_config"]
-    C, VI, merged = v["hidden_size"], v["intermediate_size"], v["hidden_size"] * v["spatial_merge_size"] ** 2
-    shapes["visual.patch_embed.proj.weight"] = (C, v["in_chans"], v["temporal_patch_size"], v["patch_size"],
-                                                v["patch_size"])
-    for i in range(v["depth"]):
-        p = f"visual.blocks.{i}"
-        shapes.update({f"{p}.norm1.weight": (C,), f"{p}.norm2.weight": (C,), f"{p}.attn.qkv.weight": (3 * C, C),
-                       f"{p}.attn.qkv.bias": (3 * C,), f"{p}.attn.proj.weight": (C, C), f"{p}.attn.proj.bias": (C,),
-                       f"{p}.mlp.gate_proj.weight": (VI, C), f"{p}.mlp.gate_proj.bias": (VI,),
-                       f"{p}.mlp.up_proj.weight": (VI, C), f"{p}.mlp.up_proj.bias": (VI,),
-                       f"{p}.mlp.down_proj.weight": (C, VI), f"{p}.mlp.down_proj.bias": (C,)})
-    shapes.update({"visual.merger.ln_q.weight": (C,), "visual.merger.mlp.0.weight": (merged, merged),
-                   "visual.merger.mlp.0.bias": (merged,), "visual.merger.mlp.2.weight": (H, merged),
-                   "visual.merger.mlp.2.bias": (H,)})
-    return shapes
+def tensor_shapes(model_dir: Path) -> dict[str, tuple[int, ...]]:
+    """Every tensor the converter reads, for the config.json in model_dir."""
+    return {**expected_tensors(load_model_config(model_dir)), **expected_vision_tensors(load_vision_config(model_dir))}
 
 
 def draw_chunks(rng, name: str, shape: tuple[int, ...]):
@@ -151,7 +129,8 @@ def write_checkpoint(model_dir: Path):
     tmp = model_dir.parent / f".{model_dir.name}.writing-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)
-    write_shards(tmp, tensor_shapes(CONFIG), SEED)
+    write_json(tmp / "config.json", CONFIG)
+    write_shards(tmp, tensor_shapes(tmp), SEED)
     write_qwen3_tokenizer(tmp)
     config = json.loads((tmp / "tokenizer_config.json").read_text())
     config.pop("chat_template", None)  # Qwen3's text template: run_auto --chat then renders Qwen2.5-VL's format
@@ -159,7 +138,6 @@ def write_checkpoint(model_dir: Path):
     (tmp / "chat_template.jinja").unlink(missing_ok=True)
     write_json(tmp / "preprocessor_config.json", PREPROCESSOR)
     write_json(tmp / "generation_config.json", {"bos_token_id": 151643, "eos_token_id": [151645, 151643]})
-    write_json(tmp / "config.json", CONFIG)  # last: marks the folder complete
     shutil.rmtree(model_dir, ignore_errors=True)
     os.replace(tmp, model_dir)
 

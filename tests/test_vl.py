@@ -41,6 +41,21 @@ def test_config_layouts_of_transformers_4_and_5_parse_alike(vl_dir, tmp_path):
     assert load_vision_config(tmp_path) is None
 
 
+def test_nested_tensor_names_read_as_usual(vl_dir, tmp_path):
+    """Checkpoints saved with model.language_model.* / model.visual.* names read like the hub's layout."""
+    from pipeline.checkpoint.safetensors_io import CheckpointWeights, save_safetensors
+
+    nested = tmp_path / "nested"
+    nested.mkdir()
+    weights = CheckpointWeights(vl_dir)
+    renamed = {("model.language_model." + n[6:] if n.startswith("model.") else "model." + n if
+                n.startswith("visual.") else n): weights.get(n) for n in weights.names()}
+    save_safetensors(nested / "model.safetensors", renamed)
+    again = CheckpointWeights(nested)
+    for name in ("model.layers.1.mlp.up_proj.weight", "visual.blocks.2.attn.qkv.bias", "lm_head.weight"):
+        assert np.array_equal(again.get(name), weights.get(name))
+
+
 def test_config_errors_are_one_line(vl_dir, tmp_path):
     bad = tmp_path / "bad"
     shutil.copytree(vl_dir, bad)

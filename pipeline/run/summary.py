@@ -2,9 +2,15 @@
 from __future__ import annotations
 
 from pipeline.core import layout
+from pipeline.core.jsonfile import load_model_file
 from pipeline.core.layout import read_token_file
 from pipeline.runtime import stage_ops
-from schemas.run import RunSummary
+from schemas.run import RunSummary, VisionMeta
+
+
+def image_step_seconds(vision_dir) -> float:
+    path = vision_dir / layout.META
+    return sum(r.seconds for r in load_model_file(path, VisionMeta).stages.values()) if path.exists() else 0.0
 
 
 def build_summary(run) -> RunSummary:
@@ -40,6 +46,8 @@ def build_summary(run) -> RunSummary:
             if meta.next_past_len >= m.max_cache_len:
                 stop_reason = "cache_full"
                 break
+    if getattr(run, "image", None) is not None:  # an image prompt's first token waits for the image step too
+        prefill_s += image_step_seconds(run.dir / layout.VISION)
     ids = run.settings.prompt_token_ids
     return RunSummary(prompt=run.settings.prompt, prompt_token_ids=ids, generated_token_ids=generated,
                       text=run.tokenizer.decode(generated, skip_special_tokens=True), stop_reason=stop_reason,
