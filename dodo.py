@@ -15,10 +15,11 @@ from doit import task_params
 
 from pipeline.convert.options import ConvertOptions
 from pipeline.core.options import doit_params
-from pipeline.run.doit_support import QuietReporter
+from pipeline.run.doit_support import QuietReporter, friendly_task_option_errors
 from pipeline.run.options import RunOptions
 
 DOIT_CONFIG = {"default_tasks": ["run_auto"], "verbosity": 2, "reporter": QuietReporter, "backend": "json"}
+friendly_task_option_errors()
 
 
 def _python_module(module: str, argv: list) -> dict:
@@ -70,8 +71,13 @@ def task_inspect(path, json):
                "help": "the tiny demo checkpoint: a quick smoke run"},
               {"name": "new_tokens", "long": "new_tokens", "type": int, "default": 32, "help": "greedy new tokens"},
               {"name": "precision", "long": "precision", "type": str, "default": "fp32",
-               "help": "fp32, fp16, int8 or int4 graphs"}])
-def task_bench(model_path, small, new_tokens, precision):
+               "help": "fp32, fp16, int8 or int4 graphs"},
+              {"name": "wait_idle", "long": "wait_idle", "type": float, "default": 0.0,
+               "help": "seconds to wait for idle CPUs before each method (default 0: no wait)"},
+              {"name": "prompt_len", "long": "prompt_len", "type": int, "default": 16, "help": "prompt tokens"},
+              {"name": "repeat", "long": "repeat", "type": int, "default": 1, "help": "interleaved rounds (medians)"}])
+def task_bench(model_path, small, new_tokens, precision, wait_idle, prompt_len, repeat):
     """Time run_auto vs the in-memory loop, by-hand stages and onnxruntime-genai (python -m benchmarks.bench)."""
-    argv = ["--new_tokens", new_tokens, "--precision", precision] + (["--model_path", model_path] if model_path else [])
+    argv = ["--new_tokens", new_tokens, "--precision", precision, "--wait_idle", wait_idle, "--prompt_len", prompt_len,
+            "--repeat", repeat] + (["--model_path", model_path] if model_path else [])
     return _python_module("benchmarks.bench", argv + (["--small"] if small else []))

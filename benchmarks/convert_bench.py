@@ -28,6 +28,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
+from pipeline.core.cli_args import ArgumentParser  # noqa: E402
 from pipeline.core.atomic import write_json  # noqa: E402
 from pipeline.checkpoint.safetensors_io import save_safetensors  # noqa: E402
 
@@ -131,7 +132,7 @@ def dir_bytes(path: Path) -> int:
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p = ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--model_dir", default="models/bench-qwen3-0.6b")
     p.add_argument("--onnx_dir", default="onnx/bench-qwen3-0.6b")
     p.add_argument("--out", default="runs/bench/convert.json")

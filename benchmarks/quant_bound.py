@@ -27,6 +27,7 @@ if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
 from benchmarks.quant_quality import checkpoint_for  # noqa: E402
+from pipeline.core.cli_args import ArgumentParser  # noqa: E402
 from pipeline.core.atomic import write_json  # noqa: E402
 from pipeline.core.errors import cli_entry  # noqa: E402
 from pipeline.runtime.reference import ReferenceModel  # noqa: E402
@@ -101,7 +102,7 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
 
 @cli_entry
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m benchmarks.quant_bound", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="python -m benchmarks.quant_bound", description=__doc__.split("\n")[0])
     p.add_argument("--model_path", default="", help="HF checkpoint (default: the benchmark's, written if missing)")
     p.add_argument("--tokens", type=int, default=64)
     p.add_argument("--errors", type=error_list, default="0.0025,0.0053,0.01,0.0175,0.02,0.03125,0.0625,0.087",

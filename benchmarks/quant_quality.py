@@ -9,7 +9,6 @@ are compared: cosine similarity (mean, min) and how often the top-1 token agrees
 """
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from pathlib import Path
@@ -20,6 +19,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:
     sys.path.insert(0, str(REPO))
 
+from pipeline.core.cli_args import ArgumentParser  # noqa: E402
 from pipeline.core.atomic import write_json  # noqa: E402
 from pipeline.core.errors import cli_entry  # noqa: E402
 
@@ -64,7 +64,7 @@ def all_position_logits(onnx_dir: Path, token_ids: list[int]) -> np.ndarray:
 
 @cli_entry
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m benchmarks.quant_quality", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="python -m benchmarks.quant_quality", description=__doc__.split("\n")[0])
     p.add_argument("--model_path", default="", help="HF checkpoint (default: the benchmark's, written if missing)")
     p.add_argument("--precision", choices=["int8", "int4", "fp16"], default="int4")
     p.add_argument("--tokens", type=int, default=64, help="sequence length (default 64)")

@@ -4,6 +4,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
+from pipeline.core.cli_args import ArgumentParser
 from pipeline.runtime.backends import make_backend
 from pipeline.core.errors import StagepipeError
 from pipeline.core.layout import StepPaths
@@ -11,7 +12,7 @@ from pipeline.core.jsonfile import load_manifest
 
 
 def stage_parser(prog: str, description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog=prog, description=description)
+    p = ArgumentParser(prog=prog, description=description)
     p.add_argument("--step_dir", type=Path, required=True, help="the step folder (e.g. runs/demo/step_0000)")
     p.add_argument("--onnx_dir", type=Path, required=True, help="converted model folder (manifest.json)")
     p.add_argument("--backend", default="onnx", help="onnx (default) or reference (numpy, reads the checkpoint)")

@@ -1,6 +1,6 @@
 """Stage 1: tokens -> input_ids, attention_mask, position_ids, hidden_block0 and meta.json for one step.
 
-Step 0 of a prompt:  --prompt "text or file" (or --tokens_file ids.txt) --past_len 0
+Step 0 of a prompt:  --prompt "text" (or --prompt_file FILE, --tokens_file ids.txt) --past_len 0
 Next prompt chunk:   the same --prompt with --past_len 16 (takes the prompt's tokens from past_len on)
 A decode step:       --prev_step runs/x/step_0001 (or --tokens_file runs/x/step_0001/next_token_id.txt)
 With an image (VL):  --image_embeds runs/x/vision/image_embeds.npy on every prompt step: the prompt's
@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from pipeline.core.cli_args import read_text_file
 from pipeline.core.errors import StagepipeError, cli_entry
 from pipeline.core.layout import NEXT_TOKEN_ID, step_name
 from pipeline.runtime.image_prompt import image_prompt_step
@@ -41,19 +42,13 @@ def sampling_from_args(a, base: SamplingSettings | None = None) -> SamplingSetti
     return settings
 
 
-def prompt_text(value: str) -> str:
-    path = Path(value)
-    if len(value) < 4096 and path.is_file():
-        return path.read_text()
-    return value
-
-
 @cli_entry
 def main(argv=None):
     p = stage_parser("python -m stages.token_embed", __doc__.split("\n")[0])
     p.add_argument("--past_len", type=int, required=True, help="cache slots already filled before this step")
     src = p.add_mutually_exclusive_group(required=True)
-    src.add_argument("--prompt", help="prompt text, or a file holding it")
+    src.add_argument("--prompt", help="prompt text")
+    src.add_argument("--prompt_file", type=Path, help="a UTF-8 text file holding the prompt")
     src.add_argument("--tokens_file", type=Path, help="token ids (.npy or text): the prompt, or the previous token")
     src.add_argument("--init_tokens", type=Path, help="same as --tokens_file (name used by the original scripts)")
     src.add_argument("--prev_step", type=Path, help="previous step folder: take its next_token_id.txt")
@@ -71,14 +66,14 @@ def main(argv=None):
         raise StagepipeError(f"--past_len {a.past_len}: must be >= 0")
     backend = open_backend(a)
     m = backend.manifest
-    if a.prompt is not None:
-        text = prompt_text(a.prompt)
-        if not text:
-            raise StagepipeError("--prompt is empty; give some text")
+    if a.prompt is not None or a.prompt_file:
+        text = read_text_file(a.prompt_file, "--prompt_file") if a.prompt_file else a.prompt
+        if not text.strip():
+            raise StagepipeError(f"{'--prompt_file' if a.prompt_file else '--prompt'} is empty; give some text")
         ids = Tokenizer.load(a.onnx_dir).encode(text)
     else:
         ids = parse_token_ids(a.prev_step / NEXT_TOKEN_ID if a.prev_step else (a.tokens_file or a.init_tokens))
-    whole_prompt = a.prompt is not None or bool(a.tokens_file or a.init_tokens) and len(ids) > 1
+    whole_prompt = a.prompt is not None or bool(a.prompt_file) or bool(a.tokens_file or a.init_tokens) and len(ids) > 1
     ids, mrope = image_prompt_step(m, ids, a.image_embeds, whole_prompt)
     if whole_prompt:
         # a whole prompt: this step takes the tokens from past_len on, at most max_input_len of them

@@ -80,3 +80,12 @@ def checkpoint(request, hf_checkpoints) -> Path:
         raise pytest.UsageError('the `checkpoint` fixture needs a spec name: '
                                 '@pytest.mark.parametrize("checkpoint", [...], indirect=True)')
     return hf_checkpoints.path(name)
+
+
+@pytest.fixture(scope="session")
+def small_onnx(tmp_path_factory):
+    """(checkpoint, onnx_dir) of the demo model in 2 blocks, T=8, C=64, float32 cache: the one small model the
+    run, tool and fault tests share (converted once per session)."""
+    from tests.run_helpers import make_small_onnx
+
+    return make_small_onnx(tmp_path_factory.mktemp("small"), max_input_len=8, max_cache_len=64)

@@ -11,16 +11,28 @@ REPO = Path(__file__).resolve().parents[1]
 PROMPT = "The quick brown fox jumps over the lazy dog, and then it runs far away."  # > 1 chunk of 8 tokens
 
 
-def make_small_onnx(tmp: Path, kv_dtype="float32", max_input_len=8, max_cache_len=64) -> tuple[Path, Path]:
+def make_small_onnx(tmp: Path, kv_dtype="float32", max_input_len=8, max_cache_len=64, blocks=2) -> tuple[Path, Path]:
     from pipeline.convert.onnx_dir import convert
     from pipeline.demo.checkpoint import write_demo_checkpoint
 
     model = tmp / "model"
     write_demo_checkpoint(model, seed=0)
     onnx_dir = tmp / "onnx"
-    convert(model, onnx_dir, blocks=2, max_input_len=max_input_len, max_cache_len=max_cache_len,
+    convert(model, onnx_dir, blocks=blocks, max_input_len=max_input_len, max_cache_len=max_cache_len,
             kv_dtype=kv_dtype, log=lambda *a: None)
     return model, onnx_dir
+
+
+def one_line_error(proc: subprocess.CompletedProcess, *needles: str, code: int = 2) -> str:
+    """The one clear error line every command gives for bad input: exit `code`, one `error:` line on stderr naming
+    each of needles, no traceback. Returns the line."""
+    assert proc.returncode == code, (proc.returncode, proc.stdout, proc.stderr)
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
+    assert "Traceback" not in proc.stderr
+    for n in needles:
+        assert n in lines[0], lines[0]
+    return lines[0]
 
 
 def run_doit(*args, check=True, timeout=300, **kwargs) -> subprocess.CompletedProcess:

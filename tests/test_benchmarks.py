@@ -39,3 +39,35 @@ def test_quantizer_errors_are_what_4_and_8_bits_give(qwen3_tied):
     # Gaussian weights, 32-weight blocks: int8 ~0.5% rms, int4 ~9%, and each bit halves the error
     assert int8 == pytest.approx(0.005, rel=0.3) and int4 == pytest.approx(0.087, rel=0.3)
     assert 10 < int4 / int8 < 25
+
+
+def test_small_bench_runs_quickly_and_reports_no_targets(tmp_path):
+    """`doit bench --small`: the smoke run a newcomer tries; it must work and judge no target."""
+    import subprocess
+    import sys
+    import time
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    started = time.perf_counter()
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench", "--small", "--methods", "run_auto,in_memory",
+                           "--new_tokens", "4", "--runs_dir", str(tmp_path / "runs"), "--out",
+                           str(tmp_path / "bench.json")], cwd=repo, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    assert "run_auto (doit, summary.json)" in proc.stdout and "targets:" not in proc.stdout
+    assert time.perf_counter() - started < 120
+
+
+def test_bench_cuda_without_cuda_is_one_line_before_any_work(tmp_path):
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import onnxruntime
+
+    if "CUDAExecutionProvider" in onnxruntime.get_available_providers():
+        pytest.skip("this machine has CUDA")
+    repo = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.bench", "--small", "--provider", "cuda", "--out",
+                           str(tmp_path / "b.json")], cwd=repo, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: --provider cuda") and proc.stdout == ""

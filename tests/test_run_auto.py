@@ -12,14 +12,14 @@ import time
 import numpy as np
 import pytest
 
-from tests.run_helpers import PROMPT, REPO, make_small_onnx, run_doit, run_stage, step_files, summary
+from tests.run_helpers import PROMPT, REPO, one_line_error, run_doit, run_stage, step_files, summary
 
 T, C = 8, 64
 
 
 @pytest.fixture(scope="module")
-def small(tmp_path_factory):
-    return make_small_onnx(tmp_path_factory.mktemp("small"), max_input_len=T, max_cache_len=C)
+def small(small_onnx):
+    return small_onnx
 
 
 @pytest.fixture(scope="module")
@@ -254,17 +254,17 @@ def test_bad_step_inputs_get_one_line_and_run_stays_resumable(small, reference_r
     meta_path.write_text(json.dumps(meta))
     hidden.write_bytes(good[: len(good) // 2])  # truncated
     proc = block1()
-    assert proc.returncode == 2 and "not a readable .npy" in proc.stderr and len(proc.stderr.splitlines()) == 1
+    one_line_error(proc, "not a readable .npy")
     np.save(hidden, np.zeros((1, 3, 5), np.float32))  # wrong shape
     proc = block1()
-    assert proc.returncode == 2 and "has shape [1, 3, 5]" in proc.stderr
+    one_line_error(proc, "has shape [1, 3, 5]")
     hidden.write_bytes(good)
     assert block1().returncode == 0
     bad_tokens = tmp_path / "ids.txt"
     bad_tokens.write_text("5 999999\n")
     proc = run_stage("token_embed", "--step_dir", tmp_path / "s", "--onnx_dir", onnx_dir, "--past_len", 0,
                      "--tokens_file", bad_tokens, check=False)
-    assert proc.returncode == 2 and "outside the vocabulary" in proc.stderr and "Traceback" not in proc.stderr
+    one_line_error(proc, "outside the vocabulary")
     # the run still finishes with the same tokens
     run_doit("--onnx_dir", onnx_dir, "--run_root", root, "--prompt", PROMPT, "--steps", 10, "--ignore_eos")
     assert summary(root)["generated_token_ids"] == summary(reference_run)["generated_token_ids"]

@@ -19,6 +19,8 @@ import numpy as np
 import onnx
 import pytest
 
+from tests.run_helpers import one_line_error
+
 from pipeline.core.jsonfile import load_manifest
 from pipeline.tools import compare as compare_mod
 from pipeline.tools import inspect as inspect_mod
@@ -55,15 +57,9 @@ def run_in_process(onnx_dir: Path, run_root: Path, backend: str):
 
 
 @pytest.fixture(scope="session")
-def small(tmp_path_factory):
-    from pipeline.convert.onnx_dir import convert
-    from pipeline.demo.checkpoint import write_demo_checkpoint
-
+def small(tmp_path_factory, small_onnx):
     tmp = tmp_path_factory.mktemp("tools")
-    write_demo_checkpoint(tmp / "model", seed=0)
-    onnx_dir = tmp / "onnx"
-    convert(tmp / "model", onnx_dir, blocks=2, max_input_len=8, max_cache_len=64, kv_dtype="float32",
-            log=lambda *a: None)
+    _, onnx_dir = small_onnx
     onnx_run, ref_run = tmp / "run_onnx", tmp / "run_ref"
     # the real command; cwd = the repo (where dodo.py is), so doit keeps its record inside the run folder
     proc = cli("doit", "run_auto", "--onnx_dir", onnx_dir, "--run_root", onnx_run, "--steps", STEPS, "--ignore_eos")
@@ -83,15 +79,6 @@ def main_error(main, args, capsys, *needles: str):
         main([str(a) for a in args])
     err = capsys.readouterr().err
     one_line_error(subprocess.CompletedProcess([], exc.value.code, "", err), *needles)
-
-
-def one_line_error(proc: subprocess.CompletedProcess, *needles: str):
-    assert proc.returncode == 2, (proc.returncode, proc.stdout, proc.stderr)
-    lines = proc.stderr.strip().splitlines()
-    assert len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
-    assert "Traceback" not in proc.stderr
-    for n in needles:
-        assert n in lines[0], lines[0]
 
 
 # -- (a) ONNX vs numpy reference ----------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ from pathlib import Path
 from pipeline.checkpoint.vl_config import VL_ARCHITECTURES, read_config, vl_text_config
 from pipeline.core.errors import StagepipeError
 from schemas.manifest import ModelConfig
+from pipeline.core.layout import GENERATION_CONFIG, MODEL_CONFIG
 
 SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM") + VL_ARCHITECTURES
 
@@ -36,7 +37,7 @@ def _as_list(value) -> list[int]:
 
 def load_model_config(model_dir: Path) -> ModelConfig:
     model_dir = Path(model_dir)
-    where = model_dir / "config.json"
+    where = model_dir / MODEL_CONFIG
     cfg = read_config(model_dir)
     archs = cfg.get("architectures") or []
     arch = archs[0] if archs else None
@@ -59,7 +60,7 @@ def load_model_config(model_dir: Path) -> ModelConfig:
         is_qwen3 = arch == "Qwen3ForCausalLM"
         attention_bias = bool(cfg.get("attention_bias", False))
         gen = {}
-        gen_path = model_dir / "generation_config.json"
+        gen_path = model_dir / GENERATION_CONFIG
         if gen_path.exists():
             gen = json.loads(gen_path.read_text())
         eos = _as_list(gen.get("eos_token_id")) or _as_list(cfg.get("eos_token_id"))

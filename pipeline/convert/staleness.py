@@ -15,9 +15,9 @@ def staleness(onnx_dir: Path, model_path: Path, wanted: dict) -> str | None:
     if not (onnx_dir / MANIFEST).exists():
         return "no graphs yet"
     manifest = load_manifest(onnx_dir)
-    for key, value in wanted.items():
-        if value is not None and getattr(manifest, key) != value:
-            return f"{key} is {getattr(manifest, key)}, {value} requested"
+    mismatch = settings_mismatch(manifest, wanted)
+    if mismatch:
+        return mismatch
     if manifest.graph_format < GRAPH_FORMAT:
         return f"graphs made by an older stagepipe (graph format {manifest.graph_format}, now {GRAPH_FORMAT})"
     if Path(manifest.source_path) != model_path.resolve():
@@ -29,4 +29,12 @@ def staleness(onnx_dir: Path, model_path: Path, wanted: dict) -> str | None:
                     p.stat().st_mtime_ns == manifest.source_files[p.name].mtime_ns for p in files)
     if not same_stat and source_fingerprint(files) != manifest.source_fingerprint:
         return "checkpoint content changed"
+    return None
+
+
+def settings_mismatch(manifest, wanted: dict) -> str | None:
+    """Which of the wanted settings the manifest was made without, e.g. "max_cache_len is 64, 128 requested"."""
+    for key, value in wanted.items():
+        if value is not None and getattr(manifest, key) != value:
+            return f"{key} is {getattr(manifest, key)}, {value} requested"
     return None

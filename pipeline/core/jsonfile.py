@@ -34,3 +34,15 @@ def load_manifest(onnx_dir: Path):
     if not path.exists():
         raise StagepipeError(f"{path}: not found; convert a model first (doit convert / python -m pipeline.convert)")
     return load_model_file(path, Manifest)
+
+
+def read_json_object(path: Path, fix: str = "restore or regenerate the file") -> dict:
+    """A JSON file that must hold an object, as a dict; anything else is one clear error line."""
+    path = Path(path)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+        raise StagepipeError(f"{path}: cannot read it as JSON ({e}); {fix}") from None
+    if not isinstance(data, dict):
+        raise StagepipeError(f"{path}: expected a JSON object; {fix}")
+    return data

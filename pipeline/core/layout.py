@@ -25,8 +25,9 @@ MODEL_CONFIG = "config.json"
 GENERATION_CONFIG = "generation_config.json"
 TOKENIZER_JSON = "tokenizer.json"
 TOKENIZER_CONFIG = "tokenizer_config.json"
+CHAT_TEMPLATE = "chat_template.jinja"
 TOKENIZER_FILES = (TOKENIZER_JSON, TOKENIZER_CONFIG, "vocab.json", "merges.txt", "special_tokens_map.json",
-                   "added_tokens.json", "chat_template.jinja")
+                   "added_tokens.json", CHAT_TEMPLATE)
 MODES = ("prefill", "decode")  # T = max_input_len tokens a step, and T = 1
 
 
@@ -108,6 +109,9 @@ LOGITS = "logits.npy"
 NEXT_TOKEN_ID = "next_token_id.txt"
 NEXT_TOKEN_TEXT = "next_token.txt"
 INPUT_FILES = (INPUT_IDS, ATTENTION_MASK, POSITION_IDS)
+# a block's new K/V rows: not step files (they go into the cache slots), but named like them where tools report them
+PRESENT_KEY = "present_key"
+PRESENT_VALUE = "present_value"
 _HIDDEN = re.compile(r"hidden_block(\d+)\.npy")
 
 

@@ -9,7 +9,6 @@ checkpoint; a folder that already holds the demo checkpoint for the same seed is
 """
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
 import math
@@ -20,10 +19,12 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.core.cli_args import ArgumentParser
 from pipeline.core.atomic import write_json
 from pipeline.core.errors import StagepipeError, cli_entry
 from pipeline.checkpoint.safetensors_io import read_header, save_safetensors
 from pipeline.demo.tokenizer_files import write_qwen3_tokenizer
+from pipeline.core.layout import GENERATION_CONFIG, MODEL_CONFIG, TOKENIZER_CONFIG, TOKENIZER_JSON
 
 SEED_KEY = "stagepipe_demo_seed"
 VERSION_KEY = "stagepipe_demo_version"
@@ -45,7 +46,7 @@ EOS_ID = 151645  # <|im_end|>
 LINEAR_GAIN = 2.0
 NORM_NOISE = 0.05
 
-FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
+FILES = (MODEL_CONFIG, GENERATION_CONFIG, "model.safetensors", TOKENIZER_JSON, TOKENIZER_CONFIG)
 
 
 def demo_config(seed: int) -> dict:
@@ -133,7 +134,7 @@ def is_complete_demo(out_dir, seed: int) -> bool:
     """True if out_dir already holds the demo checkpoint this version writes for `seed`."""
     out_dir = Path(out_dir)
     try:
-        cfg = json.loads((out_dir / "config.json").read_text())
+        cfg = json.loads((out_dir / MODEL_CONFIG).read_text())
     except (OSError, json.JSONDecodeError):
         return False
     if cfg.get(SEED_KEY) != int(seed) or cfg.get(VERSION_KEY) != DEMO_VERSION:
@@ -156,7 +157,7 @@ def _umask() -> int:
 
 def _is_demo_folder(path: Path) -> bool:
     try:
-        return SEED_KEY in json.loads((path / "config.json").read_text())
+        return SEED_KEY in json.loads((path / MODEL_CONFIG).read_text())
     except (OSError, json.JSONDecodeError, TypeError):
         return False
 
@@ -184,8 +185,8 @@ def write_demo_checkpoint(out_dir, seed: int = 0) -> bool:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private (0700); give it a normal folder's mode
         write_qwen3_tokenizer(tmp)
         save_safetensors(tmp / "model.safetensors", demo_weights(seed), bf16=True)
-        write_json(tmp / "generation_config.json", demo_generation_config())
-        write_json(tmp / "config.json", demo_config(seed))  # last: its seed key marks the folder complete
+        write_json(tmp / GENERATION_CONFIG, demo_generation_config())
+        write_json(tmp / MODEL_CONFIG, demo_config(seed))  # last: its seed key marks the folder complete
         for f in tmp.iterdir():  # the atomic writers' temp files are private (0600); make them normal files
             os.chmod(f, 0o666 & ~_umask())
         if out_dir.exists():
@@ -205,7 +206,7 @@ def write_demo_checkpoint(out_dir, seed: int = 0) -> bool:
 
 @cli_entry
 def main(argv=None):
-    parser = argparse.ArgumentParser(prog="python -m pipeline.demo",
+    parser = ArgumentParser(prog="python -m pipeline.demo",
                                      description="Write a small random-weight Qwen3 checkpoint (HF layout) for demos and tests.")
     parser.add_argument("--out", required=True, help="checkpoint folder to create")
     parser.add_argument("--seed", type=int, default=0, help="random seed for the weights (default 0)")

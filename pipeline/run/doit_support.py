@@ -75,3 +75,40 @@ def run_task_graph(run) -> int:
     code = DoitMain(ModuleTaskLoader({"task_run_auto": task_run_auto, "DOIT_CONFIG": config}),
                     config_filenames=()).run([])
     return 0 if code == 0 else (2 if guard.input_error else 1)
+
+
+def friendly_task_option_errors():
+    """`doit run_auto --stpes 5` or `--steps abc`: one `error:` line naming the option (with a did-you-mean) and
+    exit 2, instead of doit's line listing every option object. doit offers no hook for this, so its task-option
+    parser is wrapped; dodo.py calls this once."""
+    import re
+    import sys
+
+    from doit.cmdparse import CmdParseError, TaskParse
+
+    from pipeline.core.cli_args import unknown_option_message
+
+    if getattr(TaskParse.parse, "_stagepipe", False):
+        return
+    original = TaskParse.parse
+
+    def parse(self, in_args):
+        try:
+            return original(self, in_args)
+        except CmdParseError as e:
+            text = str(e)
+            known = [f"--{o.long}" for o in self.options if o.long]
+            if m := re.search(r"option (\S+) not recognized", text):
+                message = unknown_option_message(m.group(1), known, "doit help TASK")
+            elif m := re.search(r"option (\S+) requires argument", text):
+                message = f"option {m.group(1)} needs a value"
+            elif m := re.search(r"Error parsing parameter '(\w+)' <class '(\w+)'>.\n(.*)", text):
+                message = f"--{m.group(1)}: expected {'an integer' if m.group(2) == 'int' else 'a number'} " \
+                          f"({m.group(3).strip()})"
+            else:
+                message = text.strip().splitlines()[0]
+            print(f"error: {message}", file=sys.stderr)
+            sys.exit(2)
+
+    parse._stagepipe = True
+    TaskParse.parse = parse

@@ -29,6 +29,7 @@ def run_auto(options: RunOptions) -> int:
     try:
         run = open_run(options)
         run.prepare()
+        run.announce()
         return run_task_graph(run)
     except StagepipeError as e:
         print(f"error: {e}", file=sys.stderr)
@@ -36,6 +37,21 @@ def run_auto(options: RunOptions) -> int:
     except KeyboardInterrupt:
         print(f"\n{INTERRUPTED}", file=sys.stderr)
         return 130
+
+
+def main(argv=None) -> int:
+    """stagepipe run: run_auto's options parsed with argparse."""
+    from pipeline.core.cli_args import ArgumentParser
+    from pipeline.core.options import add_arguments, from_values
+
+    p = ArgumentParser(prog="stagepipe run", description="Generate through the stage pipeline.")
+    add_arguments(p, RunOptions)
+    try:
+        options = from_values(RunOptions, vars(p.parse_args(argv)))
+    except StagepipeError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return run_auto(options)
 
 
 def run_auto_action(**params):

@@ -2,7 +2,10 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from pathlib import Path
 
+from pipeline.core.cli_args import read_text_file
+from pipeline.core.errors import StagepipeError
 from pipeline.core.options import option
 from schemas.run import SamplingSettings
 
@@ -11,7 +14,8 @@ DEFAULT_PROMPT = "Give me a short introduction to large language models."
 
 @dataclass(frozen=True)
 class RunOptions:
-    prompt: str = option("", "prompt text (default: a demo prompt)")
+    prompt: str | None = option(None, "prompt text (default: a demo prompt)")
+    prompt_file: str = option("", "read the prompt from this UTF-8 text file instead")
     image: str = option("", "VL models: an image file the prompt is about (its tokens go where the prompt writes "
                             "<|image_pad|>, else before the prompt)")
     model_path: str = option("", "HF checkpoint: converted first when the onnx_dir is missing or stale")
@@ -27,7 +31,10 @@ class RunOptions:
     seed: int = option(0, "sampling seed")
     chat: bool = option(False, "wrap the prompt in the chat template")
     no_think: bool = option(False, "Qwen3: empty think block")
-    backend: str = option("onnx", "onnx or reference")
+    backend: str = option("onnx", "onnx, reference, or a Backend subclass as package.module:ClassName")
+    stage_onnx: str = option("", "hybrid run: these stages from another onnx_dir of the same model "
+                                 "(block2:DIR[,output:DIR2]; doit takes a bare NAME=VALUE word as its own variable)")
+    stage_backend: str = option("", "hybrid run: these stages on another backend (block2:NAME[,...])")
     provider: str = option("cpu", "onnxruntime: cpu or cuda")
     ignore_eos: bool = option(False, "do not stop at end of sequence")
     from_step: int = option(-1, "discard steps >= K and generate them again (-1: keep all)")
@@ -41,4 +48,13 @@ class RunOptions:
                                 top_k=self.top_k, top_p=self.top_p or 1.0, seed=self.seed)
 
     def prompt_text(self) -> str:
-        return self.prompt or DEFAULT_PROMPT
+        """The prompt: --prompt's text, the --prompt_file's contents, or the demo prompt when neither is given."""
+        if self.prompt is not None and self.prompt_file:
+            raise StagepipeError("--prompt and --prompt_file: give one of them")
+        text = read_text_file(Path(self.prompt_file), "--prompt_file") if self.prompt_file else self.prompt
+        if text is None:
+            return DEFAULT_PROMPT
+        if not text.strip():
+            raise StagepipeError(f"{'--prompt_file ' + self.prompt_file if self.prompt_file else '--prompt'} is "
+                                 "empty; give some text")
+        return text

@@ -8,6 +8,8 @@ backend, so each graph's onnxruntime session is created once per run.
 from __future__ import annotations
 
 import shutil
+import sys
+import time
 from pathlib import Path
 
 from doit.tools import config_changed
@@ -21,8 +23,9 @@ from pipeline.run.image_run import ImageStep
 from pipeline.run.lock import lock_run_dir
 from pipeline.run.options import RunOptions
 from pipeline.runtime import stage_ops
-from pipeline.runtime.backends import make_backend
+from pipeline.runtime.backends import make_backend, stage_process_kwargs
 from pipeline.runtime.generate import prompt_chunks
+from pipeline.runtime.hybrid import hybrid_label, hybrid_manifest, open_backend, plan_routes, route_records
 from pipeline.runtime.kv_cache import KVCacheDir
 from pipeline.runtime.sampling import check_sampling
 from pipeline.runtime.tokenizer import Tokenizer
@@ -56,10 +59,12 @@ class Run:
         self.onnx_dir = Path(onnx_dir)
         self.dir = Path(options.run_root)
         self.manifest = m = load_manifest(onnx_dir)
+        # a hybrid run (--stage_onnx/--stage_backend) has its own graphs fingerprint: cache and steps are its own
+        self.routes = plan_routes(self.onnx_dir, m, options.backend, options.stage_onnx, options.stage_backend)
+        if self.routes:
+            self.manifest = m = hybrid_manifest(m, options.backend, self.routes)
         self.tokenizer = Tokenizer.load(onnx_dir)
         prompt = options.prompt_text()
-        if not prompt.strip():
-            raise StagepipeError("--prompt is empty; give some text")
         self.image = ImageStep(self.dir, m, Path(options.image), self.onnx_dir) if options.image else None
         if self.image:  # a VL model's image step comes first (pipeline/run/image_run.py)
             ids = self.image.prompt_ids(self.tokenizer, prompt, options.chat, self.onnx_dir)
@@ -73,7 +78,8 @@ class Run:
             raise StagepipeError(f"--steps {options.steps}: must be at least 1")
         self.settings = RunSettings(
             prompt=prompt, chat=options.chat, no_think=options.no_think, prompt_token_ids=ids,
-            onnx_dir=str(self.onnx_dir.resolve()), onnx_fingerprint=m.graphs_fingerprint, backend=options.backend,
+            onnx_dir=str(self.onnx_dir.resolve()), onnx_fingerprint=m.graphs_fingerprint,
+            backend=hybrid_label(options.backend, self.routes), stage_routes=route_records(self.routes),
             max_new_tokens=options.steps, ignore_eos=options.ignore_eos, full_logits=options.full_logits,
             stop_token_ids=[] if options.ignore_eos else m.model.eos_token_ids,
             sampling=check_sampling(options.sampling()), image=options.image or None)
@@ -84,6 +90,9 @@ class Run:
         self._backend = None
         self._kv = None
         self._stopped: dict[int, bool] = {}
+        self.new_steps = 0  # steps whose output this process computed (resumed work is not streamed again)
+        self.progress = Progress()
+        self.backend  # a backend that cannot run here (--provider cuda without CUDA) fails before anything is written
 
     # -- helpers -------------------------------------------------------------------------------------------------
     def step_dir(self, s: int) -> Path:
@@ -98,8 +107,11 @@ class Run:
         if self._backend is None:
             # this process runs stages only: their sessions can share one thread pool
             o = self.options
-            kwargs = {"provider": o.provider, "process_pool": True} if o.backend == "onnx" else {}
-            self._backend = make_backend(o.backend, self.onnx_dir, self.manifest, **kwargs)
+
+            def make(name, onnx_dir, manifest):
+                return make_backend(name, onnx_dir, manifest, **stage_process_kwargs(name, o.provider))
+
+            self._backend = open_backend(make, o.backend, self.onnx_dir, self.manifest, self.routes)
         return self._backend
 
     @property
@@ -162,7 +174,9 @@ class Run:
             shutil.rmtree(self.step_dir(s), ignore_errors=True)
             return
         n = len(self.chunks)
-        tokens = self.chunks[s] if s < n else [read_token_file(self.step_dir(s - 1) / layout.NEXT_TOKEN_ID)]
+        # a next_token_id.txt edited by hand is the token: its step's next_token.txt and meta.json follow it
+        tokens = self.chunks[s] if s < n else [
+            stage_ops.adopt_token_edit(StepPaths(self.step_dir(s - 1)), self.tokenizer.token_text)]
         stage_ops.token_embed(self.backend, StepPaths(self.step_dir(s)), s, self.past_len(s), tokens,
                               self.settings.sampling, sample_next=s >= n - 1,
                               prev_step_dir=self.step_dir(s - 1) if s else None,
@@ -178,9 +192,13 @@ class Run:
             return
         meta = stage_ops.output(self.backend, StepPaths(self.step_dir(s)), None, None, self.tokenizer.token_text,
                                 self.options.full_logits)
-        if meta.next_token_id is not None:
-            if s == len(self.chunks) - 1:
-                print(self.settings.prompt, end="", flush=True)
+        if meta.reused:
+            return
+        self.new_steps += 1
+        if meta.next_token_id is None:  # a prompt chunk that another chunk follows
+            self.progress.prefill(s + 1, len(self.chunks))
+        else:
+            self.progress.token(s, self.n_steps)
             print(self.tokenizer.decode([meta.next_token_id]), end="", flush=True)
 
     def summarize(self):
@@ -189,11 +207,23 @@ class Run:
         self.kv.flush()
         summary = build_summary(self)
         write_text(self.dir / layout.SUMMARY_JSON, summary.model_dump_json(indent=2) + "\n")
+        tokens = f"{summary.steps} steps, {len(summary.generated_token_ids)} new tokens, stop: {summary.stop_reason}"
+        if not self.new_steps:
+            print(f"[{self.dir}: already complete: {tokens}; its text is in {layout.SUMMARY_JSON}]", flush=True)
+            return summary
         rate = f"{summary.decode_tokens_per_s:.1f} tokens/s decode" if summary.decode_tokens_per_s else "no decode"
         ttft = f"{summary.time_to_first_token_s:.3f}s" if summary.time_to_first_token_s is not None else "-"
-        print(f"\n[{self.dir}: {summary.steps} steps, {len(summary.generated_token_ids)} new tokens, "
-              f"stop: {summary.stop_reason}, first token {ttft}, {rate}]", flush=True)
+        print(f"\n[{self.dir}: {tokens}, first token {ttft}, {rate}]", flush=True)
         return summary
+
+    def announce(self):
+        """Before the steps run: the prompt as the model sees it and a separator, or where a resumed run goes on."""
+        done = completed_steps(self)
+        if done == 0:
+            print(f"{prompt_preview(self.tokenizer.decode(self.settings.prompt_token_ids))}\n"
+                  f"--- reply ({len(self.settings.prompt_token_ids)} prompt tokens) ---", flush=True)
+        elif done < self.n_steps:
+            print(f"[{self.dir}: resumed at {step_name(done)}]", file=sys.stderr, flush=True)
 
     # -- doit tasks ----------------------------------------------------------------------------------------------
     def tasks(self, guard, basename: str = "run_auto"):
@@ -232,3 +262,38 @@ class Run:
             outputs.append(f"{basename}:{name}:output")
         yield {"basename": basename, "name": "summary", "actions": [guard(self.summarize)], "task_dep": outputs,
                "uptodate": [False], "verbosity": 2}
+
+
+def completed_steps(run: Run) -> int:
+    """How many steps from step_0000 on have their output written (what a rerun does not redo)."""
+    done = 0
+    while done < run.n_steps and (run.step_dir(done) / layout.LOGITS).exists() and \
+            (run.step_dir(done) / layout.META).exists():
+        done += 1
+    return done
+
+
+def prompt_preview(text: str, keep: int = 300) -> str:
+    """The prompt as shown before the reply: whole, or its start and end when it is long."""
+    if len(text) <= 2 * keep:
+        return text
+    return f"{text[:keep]} [... {len(text) - 2 * keep} characters ...] {text[-keep:]}"
+
+
+class Progress:
+    """Progress on stderr: prefill chunks as they finish, and for long runs every 64 decode steps with the
+    rate so far. The reply itself streams to stdout."""
+
+    def __init__(self, every: int = 64):
+        self.every, self.started, self.tokens = every, None, 0
+
+    def prefill(self, done: int, total: int):
+        if total >= 4 and (done % max(1, total // 8) == 0 or done == total - 1):
+            print(f"[prefill {done}/{total} chunks]", file=sys.stderr, flush=True)
+
+    def token(self, step: int, planned: int):
+        self.started = self.started or time.perf_counter()
+        self.tokens += 1
+        if planned > self.every and self.tokens % self.every == 0:
+            rate = self.tokens / max(time.perf_counter() - self.started, 1e-9)
+            print(f"\n[step {step + 1}/{planned}, {rate:.1f} tokens/s]", file=sys.stderr, flush=True)

@@ -18,9 +18,11 @@ from functools import cached_property
 from pathlib import Path
 
 from pipeline.core.errors import StagepipeError
+from pipeline.core.jsonfile import read_json_object
+from pipeline.core.layout import CHAT_TEMPLATE, TOKENIZER_CONFIG
 
-CONFIG_FILE = "tokenizer_config.json"
-TEMPLATE_FILE = "chat_template.jinja"
+CONFIG_FILE = TOKENIZER_CONFIG
+TEMPLATE_FILE = CHAT_TEMPLATE
 # transformers' SPECIAL_TOKENS_ATTRIBUTES: the named special tokens a template can read
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
@@ -75,13 +77,7 @@ def _template_message(message) -> dict:
 
 
 def _read_config(path: Path) -> dict:
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise StagepipeError(f"{path}: cannot read it as JSON ({e}); restore the checkpoint's copy") from None
-    if not isinstance(config, dict):
-        raise StagepipeError(f"{path}: expected a JSON object; restore the checkpoint's copy")
-    return config
+    return read_json_object(path, "restore the checkpoint's copy")
 
 
 def _config_template(config: dict, path: Path) -> str | None:

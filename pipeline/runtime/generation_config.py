@@ -5,10 +5,12 @@ import json
 from pathlib import Path
 
 from pipeline.core.errors import StagepipeError
+from pipeline.core.jsonfile import read_json_object
 from pipeline.runtime.sampling import check_sampling
 from schemas.run import SamplingSettings
+from pipeline.core.layout import GENERATION_CONFIG
 
-GENERATION_CONFIG_FILE = "generation_config.json"
+GENERATION_CONFIG_FILE = GENERATION_CONFIG
 # transformers' GenerationConfig defaults for what a file leaves out (or sets to null)
 _DEFAULTS = {"temperature": 1.0, "top_k": 50, "top_p": 1.0, "repetition_penalty": 1.0}
 
@@ -20,12 +22,7 @@ def sampling_from_generation_config(folder, seed: int = 0) -> SamplingSettings:
     path = Path(folder) / GENERATION_CONFIG_FILE
     if not path.is_file():
         return SamplingSettings(seed=seed)
-    try:
-        config = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
-        raise StagepipeError(f"{path}: cannot read it as JSON ({e}); restore the checkpoint's copy") from None
-    if not isinstance(config, dict):
-        raise StagepipeError(f"{path}: expected a JSON object; restore the checkpoint's copy")
+    config = read_json_object(path, "restore the checkpoint's copy")
 
     def value(key, kinds, what):
         v = config.get(key)

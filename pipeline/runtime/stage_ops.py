@@ -14,7 +14,7 @@ import numpy as np
 from pipeline.core.atomic import rewrite_text, write_npy, write_text
 from pipeline.runtime.backends import Backend
 from pipeline.core.errors import StagepipeError
-from pipeline.core.layout import META, StepPaths, hidden_file, token_file_text
+from pipeline.core.layout import META, StepPaths, hidden_file, read_token_file, token_file_text
 from pipeline.runtime.kv_cache import store_slots
 from pipeline.runtime.mrope import MropeStep
 from pipeline.runtime.plan import StepPlan, hidden_dtype, plan_inputs, plan_step, position_ids_shape
@@ -50,6 +50,18 @@ def history_of(prev_step_dir: Path | None, m) -> str:
     return digest(hidden)
 
 
+def adopt_token_edit(paths: StepPaths, token_text) -> int:
+    """The step's next_token_id.txt, which the user may have edited by hand: when it differs from meta.json,
+    next_token.txt and meta.json are refreshed to match it, so the step folder never contradicts itself."""
+    token = read_token_file(paths.next_token_file)
+    meta = load_meta(paths.meta)
+    if meta.next_token_id != token:
+        write_text(paths.next_token_text, token_text(token))
+        meta.next_token_id = token
+        save_meta(paths.meta, meta, last=True)
+    return token
+
+
 def token_embed(backend: Backend, paths: StepPaths, step: int, past_len: int, token_ids: list[int],
                 sampling: SamplingSettings, sample_next: bool = True, hidden_out: Path | None = None,
                 prev_step_dir: Path | None = None, mrope: MropeStep | None = None) -> StepMeta:
@@ -72,6 +84,7 @@ def token_embed(backend: Backend, paths: StepPaths, step: int, past_len: int, to
         old = load_meta(paths.meta)
         rec = old.stages.get("embed")
         if rec and rec.inputs_digest == inputs_digest:  # sampling is the output stage's business
+            old._reused = True
             return old
     input_ids, mask, positions = plan_inputs(plan, token_ids, m.mask_value)
     hidden = backend.embed(input_ids)
@@ -120,6 +133,7 @@ def block(backend: Backend, paths: StepPaths, k: int, past_key: np.ndarray, past
     inputs_digest = digest(*raw.values(), meta.history)
     rec = meta.stages.get(name)
     if rec and rec.inputs_digest == inputs_digest and hidden_out.exists():
+        meta._reused = True
         return meta
     plan, H = meta_plan(meta, m, paths.meta), m.model.hidden_size
     T, W = plan.T, plan.W
@@ -154,6 +168,7 @@ def output(backend: Backend, paths: StepPaths, sampling: SamplingSettings | None
     rec = meta.stages.get("output")
     done = paths.logits.exists() and (not meta.sample_next or paths.next_token_file.exists())
     if rec and rec.inputs_digest == inputs_digest and done:
+        meta._reused = True
         return meta
     T, H = meta_plan(meta, m, paths.meta).T, m.model.hidden_size
     hidden = parse_tensor(raw, hidden_in, (1, T, H), hidden_dtype(m), "hidden states")

@@ -17,22 +17,21 @@ and compared no further; --strict counts them as failures too.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.core.atomic import atomic_write_path, write_text
-from pipeline.core.errors import StagepipeError, cli_entry, stdout_may_close
+from pipeline.core.cli_args import ArgumentParser
+from pipeline.core.errors import StagepipeError, cli_entry
 from pipeline.core.layout import INPUT_FILES, LOGITS, VISION, hidden_index, step_dirs, step_number, tensor_sort_key
 from pipeline.core.layout import writer_stage as stage_of
-from pipeline.tools.inspect import classify, load_step_meta, open_npy, run_tokenizer, step_next_token, token_text
-from pipeline.tools.report import dump_json, fmt_num, format_table
+from pipeline.tools.run_reading import classify, load_step_meta, open_npy, run_tokenizer, step_next_token, token_text
+from pipeline.tools.drift_plot import require_matplotlib, write_plot
+from pipeline.tools.report import emit_report, fmt_num, format_table
 
 EXACT_FILES = set(INPUT_FILES)  # compared for equality
-ZERO_FLOOR = 1e-12  # where an exact match is drawn on the log-scale plot
 CHUNK = 1 << 21  # elements compared at a time
 
 
@@ -184,7 +183,9 @@ def compare(path_a: Path, path_b: Path, tol: Tolerance = Tolerance(), strict: bo
         tok_a = step_next_token(da, meta_a) if da else None
         tok_b = step_next_token(db, meta_b) if db else None
         if tok_a is not None or tok_b is not None:
-            tokens.append({"step": name, "token_a": tok_a, "token_b": tok_b, "match": tok_a == tok_b,
+            # a step only one run has is reported apart (--strict fails on it), not as a mismatch
+            both = tok_a is not None and tok_b is not None
+            tokens.append({"step": name, "token_a": tok_a, "token_b": tok_b, "match": tok_a == tok_b if both else None,
                            "text_a": token_text(tokenizer, tok_a), "text_b": token_text(tokenizer, tok_b)})
         if da is None or db is None:
             steps.append({"step": name, "only_in": "A" if db is None else "B", "tensors": []})
@@ -213,13 +214,14 @@ def compare(path_a: Path, path_b: Path, tol: Tolerance = Tolerance(), strict: bo
                       "only_in_b": sorted(files_b - files_a, key=tensor_sort_key)})
     missing_steps = [s["step"] for s in steps if s["only_in"]]
     missing_files = sum(len(s.get("only_in_a", [])) + len(s.get("only_in_b", [])) for s in steps)
-    ok = failures == 0 and not (strict and (missing_steps or missing_files))
+    mismatches = sum(1 for t in tokens if t["match"] is False)
+    ok = failures == 0 and mismatches == 0 and not (strict and (missing_steps or missing_files))
     return {"run_a": str(path_a), "run_b": str(path_b), "kind": kind,
             "tolerance": {"atol": tol.atol, "rtol": tol.rtol, "min_cosine": tol.min_cosine}, "strict": strict,
             "steps_a": sum(1 for a, _ in pairs.values() if a), "steps_b": sum(1 for _, b in pairs.values() if b),
             "common_steps": len(common), "steps_only_in_one": missing_steps, "files_only_in_one": missing_files,
             "tensors_compared": sum(len(s["tensors"]) for s in steps), "tensors_exceeding": failures,
-            "token_mismatches": sum(1 for t in tokens if not t["match"]),
+            "token_mismatches": mismatches,
             "first_failure": first, "ok": ok, "steps": steps, "tokens": tokens}
 
 
@@ -270,7 +272,8 @@ def print_report(r: dict):
             text = repr(t["text_a"]) if t["text_a"] is not None else "-"
             if not t["match"]:
                 text = f"{text} | {repr(t['text_b']) if t['text_b'] is not None else '-'}"
-            rows.append([t["step"], t["token_a"], t["token_b"], "" if t["match"] else "MISMATCH", text])
+            mark = {True: "", False: "MISMATCH", None: "one run only"}[t["match"]]
+            rows.append([t["step"], t["token_a"], t["token_b"], mark, text])
         print("tokens:")
         print("  " + format_table(["step", "token A", "token B", "", "text (A | B)"], rows, right={1, 2})
               .replace("\n", "\n  "))
@@ -284,74 +287,23 @@ def print_report(r: dict):
         print(f"  ({r['tensors_exceeding']} of {r['tensors_compared']} tensors in {r['common_steps']} common steps "
               f"exceed the tolerance; {r['token_mismatches']} token mismatch(es))")
         print(bar)
+    elif r["token_mismatches"]:
+        print(bar)
+        print(f"FAIL: {r['token_mismatches']} token mismatch(es) in common steps, though every tensor is within "
+              "tolerance (the runs sampled differently: other settings, or an edited token)")
+        print(bar)
     elif not r["ok"]:
         print(bar)
         print(f"FAIL (--strict): {len(r['steps_only_in_one'])} steps and {r['files_only_in_one']} tensor files are "
               "present in one run only")
         print(bar)
     else:
-        extra = f"; but {r['token_mismatches']} token mismatch(es)" if r["token_mismatches"] else ""
-        print(f"OK: all {r['tensors_compared']} tensors in {r['common_steps']} common steps are within tolerance{extra}")
-
-
-def require_matplotlib():
-    try:
-        import matplotlib
-    except ImportError:
-        raise StagepipeError("--plot needs matplotlib, which is not installed: pip install matplotlib") from None
-    matplotlib.use("Agg")
-
-
-def write_plot(r: dict, out: Path):
-    """Max abs error per step for each stage's output tensor (log y); failures marked x, NaN as a red band."""
-    require_matplotlib()
-    import matplotlib.pyplot as plt
-    from matplotlib.ticker import MaxNLocator
-
-    series: dict[str, dict] = {}
-    for s in r["steps"]:
-        x = step_number(s["step"]) or 0
-        for e in s["tensors"]:
-            if e["stage"] is None:
-                continue
-            line = series.setdefault(e["stage"], {"file": e["file"], "x": [], "y": [], "fail": [], "nan": []})
-            err = e["max_abs_err"]
-            if err is None or err != err:  # shape mismatch or NaN: no value to draw
-                line["nan"].append(x)
-                continue
-            line["x"].append(x)
-            line["y"].append(max(err, ZERO_FLOOR))
-            if e["exceeds"]:
-                line["fail"].append((x, max(err, ZERO_FLOOR)))
-    fig, ax = plt.subplots(figsize=(9, 5))
-    for stage in sorted(series, key=lambda st: tensor_sort_key(series[st]["file"])):
-        line = series[stage]
-        (drawn,) = ax.plot(line["x"], line["y"], marker="o", markersize=3,
-                           label=f"{stage} ({line['file'].removesuffix('.npy')})")
-        if line["fail"]:
-            ax.scatter(*zip(*line["fail"]), marker="x", s=60, color=drawn.get_color(), zorder=3)
-        for x in line["nan"]:
-            ax.axvspan(x - 0.3, x + 0.3, color="red", alpha=0.15)
-    ax.axhline(r["tolerance"]["atol"], color="red", linestyle="--", linewidth=1, label=f"atol {r['tolerance']['atol']:g}")
-    ax.set_yscale("log")
-    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("step")
-    ax.set_ylabel(f"max abs error over real rows (exact: {ZERO_FLOOR:g})")
-    title = f"{r['run_a']} vs {r['run_b']}"
-    if r["first_failure"]:
-        title += f"\nfirst failure: {r['first_failure']['path']} (x: exceeds; red band: NaN or shape mismatch)"
-    ax.set_title(title, fontsize=9)
-    ax.grid(True, which="both", alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    with atomic_write_path(out) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    plt.close(fig)
+        print(f"OK: all {r['tensors_compared']} tensors in {r['common_steps']} common steps are within tolerance")
 
 
 @cli_entry
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m pipeline.compare", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="python -m pipeline.compare", description=__doc__.split("\n")[0])
     p.add_argument("run_a", type=Path, help="run folder (or step folder) to check")
     p.add_argument("run_b", type=Path, help="run folder (or step folder) to check against (the reference)")
     p.add_argument("--atol", type=float, default=1e-3, help="absolute tolerance (default 1e-3)")
@@ -367,18 +319,7 @@ def main(argv=None):
     if a.plot is not None:
         require_matplotlib()  # fail before the work, not after
     report = compare(a.run_a, a.run_b, Tolerance(a.atol, a.rtol, a.min_cosine), strict=a.strict)
-    to_stdout = a.json is not None and str(a.json) == "-"
-    with stdout_may_close():
-        if to_stdout:
-            print(dump_json(report))
-        else:
-            print_report(report)
-        if a.json is not None and not to_stdout:
-            write_text(a.json, dump_json(report) + "\n")
-            print(f"report written to {a.json}")
-        if a.plot is not None:
-            write_plot(report, a.plot)
-            print(f"plot written to {a.plot}", file=sys.stderr if to_stdout else sys.stdout)
+    emit_report(report, a.json, print_report, a.plot, write_plot)
     return 0 if report["ok"] else 1
 
 

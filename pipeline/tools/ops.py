@@ -15,13 +15,13 @@ a dynamic dimension, a non-standard domain or a missing external data file.
 """
 from __future__ import annotations
 
-import argparse
 import sys
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
 
+from pipeline.core.cli_args import ArgumentParser
 from pipeline.core.errors import StagepipeError, cli_entry, stdout_may_close
 from pipeline.core.layout import MANIFEST, MODES, graph_set_window, vision_stage_names
 from pipeline.tools.report import dump_json, format_table
@@ -314,7 +314,7 @@ def print_report(r: dict):
 
 @cli_entry
 def main(argv=None):
-    p = argparse.ArgumentParser(prog="python -m pipeline.ops", description=__doc__.split("\n")[0])
+    p = ArgumentParser(prog="python -m pipeline.ops", description=__doc__.split("\n")[0])
     p.add_argument("path", type=Path, help="an onnx_dir (manifest.json), a folder of .onnx files, or one .onnx file")
     p.add_argument("--json", action="store_true", help="print the report as JSON")
     p.add_argument("--allow", type=Path, default=None, metavar="FILE", help="allowed op types, one per line")
