@@ -1,6 +1,7 @@
 """stagepipe tasks. `doit list` shows them; `doit help TASK` shows a task's options and their defaults.
 
     doit run_auto [--prompt ...]         generate through the stage pipeline (the demo model by default)
+    doit chat [--run_root runs/chat]     talk to the model in the terminal (a conversation over one KV cache)
     doit convert --model_path M --onnx_dir O [...]
     doit demo_model                      write the demo checkpoint to models/demo-qwen3
     doit inspect --path runs/demo        look inside a run, step or kv_cache folder
@@ -15,6 +16,7 @@ from doit import task_params
 
 from pipeline.convert.options import ConvertOptions
 from pipeline.core.options import doit_params
+from pipeline.run.chat import chat_params
 from pipeline.run.doit_support import QuietReporter, friendly_task_option_errors
 from pipeline.run.options import RunOptions
 
@@ -43,6 +45,14 @@ def task_run_auto(**params):
     from pipeline.run.main import run_auto_action
 
     return {"actions": [(run_auto_action, [], params)], "uptodate": [False], "verbosity": 2}
+
+
+@task_params(chat_params())
+def task_chat(**params):
+    """Talk to the model in the terminal: each turn is steps over the run's KV cache (/exit, /reset, /save FILE)."""
+    from pipeline.run.chat import chat_action
+
+    return {"actions": [(chat_action, [], params)], "uptodate": [False], "verbosity": 2}
 
 
 @task_params(doit_params(ConvertOptions))

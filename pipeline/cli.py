@@ -1,6 +1,7 @@
 """The `stagepipe` command: one front door to every tool, with argparse-quality errors.
 
     stagepipe run [--prompt TEXT | --prompt_file F] [--steps N] ...     (= doit run_auto)
+    stagepipe chat [--run_root runs/chat] ...                            (= doit chat)
     stagepipe convert --model_path M --onnx_dir O ...                    (= python -m pipeline.convert)
     stagepipe inspect PATH | compare A B | ops ONNX_DIR | demo --out DIR
     stagepipe replay GOLDEN_RUN --onnx_dir C | conformance --onnx_dir C | pack RUN -o PACK.tar.gz
@@ -16,6 +17,7 @@ from pipeline.core.cli_args import did_you_mean
 # command -> (module whose main(argv) runs it, one-line help)
 COMMANDS = {
     "run": ("pipeline.run.main", "generate through the stage pipeline (resumes, continues, branches)"),
+    "chat": ("pipeline.run.chat", "talk to the model in the terminal (a conversation over one KV cache)"),
     "convert": ("pipeline.convert.__main__", "convert a checkpoint into an onnx_dir"),
     "inspect": ("pipeline.tools.inspect", "look inside a run, step or kv_cache folder"),
     "compare": ("pipeline.tools.compare", "compare two runs or steps tensor by tensor"),

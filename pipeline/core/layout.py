@@ -85,7 +85,11 @@ def step_name(n: int) -> str:
 
 def step_number(name: str) -> int | None:
     """N of a folder named step_NNNN; None for any other name (step_0003.bak is not a step)."""
-    m = _STEP.fullmatch(name)
+    return _number_in(_STEP, name)
+
+
+def _number_in(pattern: re.Pattern, name: str) -> int | None:
+    m = pattern.fullmatch(name)
     return int(m.group(1)) if m else None
 
 
@@ -121,8 +125,7 @@ def hidden_file(k: int) -> str:
 
 
 def hidden_index(name: str) -> int | None:
-    m = _HIDDEN.fullmatch(name)
-    return int(m.group(1)) if m else None
+    return _number_in(_HIDDEN, name)
 
 
 def tensor_sort_key(name: str):

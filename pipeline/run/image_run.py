@@ -7,7 +7,8 @@ from doit.tools import config_changed
 
 from pipeline.core import layout
 from pipeline.core.errors import StagepipeError
-from pipeline.runtime.image_prompt import image_chat_text, with_image_tokens
+from pipeline.runtime.chat_template import ChatTemplate
+from pipeline.runtime.image_prompt import has_chat_template, image_chat_text, with_image_tokens
 from pipeline.runtime.mrope import MropeStep
 from pipeline.runtime.vision_stage import load_image_embeds, stage_files, vision_step
 
@@ -23,10 +24,18 @@ class ImageStep:
         self.manifest = manifest
         self._mrope = None
 
-    def prompt_ids(self, tokenizer, prompt: str, chat: bool, onnx_dir: Path) -> list[int]:
+    def prompt_ids(self, tokenizer, prompt: str, chat: bool, onnx_dir: Path, system: str | None = None) -> list[int]:
         """The prompt with the image's tokens (chat: one user turn of the image and the prompt)."""
-        text = image_chat_text(prompt, onnx_dir) if chat else prompt
+        text = image_chat_text(prompt, onnx_dir, system) if chat else prompt
         return with_image_tokens(tokenizer.encode(text), self.manifest.vision)
+
+    @staticmethod
+    def chat_template(options, onnx_dir: Path):
+        """The run's chat template for later turns: the checkpoint's, when it has one (without, the image turn is
+        rendered in Qwen2.5-VL's format and the run cannot take later turns)."""
+        if options.no_think:
+            raise StagepipeError("--no_think is Qwen3's thinking switch; a Qwen2.5-VL model has none")
+        return ChatTemplate.load(onnx_dir) if options.chat and has_chat_template(onnx_dir) else None
 
     def run(self, backend):
         vision_step(backend, self.dir, self.image)

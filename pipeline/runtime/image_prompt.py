@@ -11,7 +11,6 @@ import json
 from pathlib import Path
 
 from pipeline.core.errors import StagepipeError
-from pipeline.core.layout import TOKENIZER_CONFIG
 from schemas.manifest import VisionSpec
 
 # What Qwen2.5-VL's chat template renders for one user turn of an image and text (used when the checkpoint
@@ -38,19 +37,26 @@ def with_image_tokens(ids: list[int], vision: VisionSpec) -> list[int]:
                          f"prompt) or exactly {n} in a row")
 
 
-def image_chat_text(prompt: str, folder: Path) -> str:
-    """One user turn of the image and the prompt, with the assistant turn opened, rendered by the checkpoint's
-    own chat template when it has one (the onnx_dir keeps a copy), else Qwen2.5-VL's format."""
-    from pipeline.runtime.chat_template import TEMPLATE_FILE, ChatTemplate
+def has_chat_template(folder: Path) -> bool:
+    from pipeline.runtime.chat_template import CONFIG_FILE, TEMPLATE_FILE
 
-    folder = Path(folder)
-    config = folder / TOKENIZER_CONFIG
-    has_template = (folder / TEMPLATE_FILE).is_file() or (
+    config = Path(folder) / CONFIG_FILE
+    return (Path(folder) / TEMPLATE_FILE).is_file() or (
         config.is_file() and "chat_template" in json.loads(config.read_text(encoding="utf-8")))
-    if not has_template:
-        return DEFAULT_IMAGE_CHAT.format(prompt=prompt)
-    content = [{"type": "image"}, {"type": "text", "text": prompt}]
-    return ChatTemplate.load(folder).render([{"role": "user", "content": content}], add_generation_prompt=True)
+
+
+def image_chat_text(prompt: str, folder: Path, system: str | None = None) -> str:
+    """One user turn of the image and the prompt (after a system turn), with the assistant turn opened: rendered
+    by the checkpoint's own chat template when it has one (the onnx_dir keeps a copy), else in Qwen2.5-VL's format
+    (whose template puts "You are a helpful assistant." when no system message is given)."""
+    from pipeline.runtime.chat_template import ChatTemplate, chat_messages
+
+    if not has_chat_template(folder):
+        text = DEFAULT_IMAGE_CHAT.format(prompt=prompt)
+        return text if system is None else text.replace("You are a helpful assistant.", system, 1)
+    messages = chat_messages(prompt, system)
+    messages[-1]["content"] = [{"type": "image"}, {"type": "text", "text": prompt}]
+    return ChatTemplate.load(folder).render(messages, add_generation_prompt=True)
 
 
 def image_prompt_step(manifest, ids: list[int], image_embeds: Path | None, whole_prompt: bool):

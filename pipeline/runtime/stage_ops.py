@@ -14,7 +14,8 @@ import numpy as np
 from pipeline.core.atomic import rewrite_text, write_npy, write_text
 from pipeline.runtime.backends import Backend
 from pipeline.core.errors import StagepipeError
-from pipeline.core.layout import META, StepPaths, hidden_file, read_token_file, token_file_text
+from pipeline.core.layout import (META, StepPaths, hidden_file, read_token_file, step_name, step_number,
+                                   token_file_text)
 from pipeline.runtime.kv_cache import store_slots
 from pipeline.runtime.mrope import MropeStep
 from pipeline.runtime.plan import StepPlan, hidden_dtype, plan_inputs, plan_step, position_ids_shape
@@ -151,11 +152,13 @@ def block(backend: Backend, paths: StepPaths, k: int, past_key: np.ndarray, past
 
 
 def output(backend: Backend, paths: StepPaths, sampling: SamplingSettings | None = None,
-           hidden_in: Path | None = None, token_text=None, full_logits: bool = False) -> StepMeta:
+           hidden_in: Path | None = None, token_text=None, full_logits: bool = False,
+           context_ids=None) -> StepMeta:
     """Final norm + lm_head; samples the next token from the last real row (unless a prompt chunk follows).
 
     A prefill step computes logits for its last real row only (through the T=1 graph), as generation needs;
-    full_logits=True runs the prefill graph on all T rows, for comparing every position."""
+    full_logits=True runs the prefill graph on all T rows, for comparing every position. context_ids: the token
+    ids in the cache before this step, which a repetition penalty needs (with the step's own: the ids so far)."""
     started = time.perf_counter()
     m = backend.manifest
     meta = load_meta(paths.meta)
@@ -164,7 +167,9 @@ def output(backend: Backend, paths: StepPaths, sampling: SamplingSettings | None
         meta.sampling = check_sampling(sampling)
     hidden_in = Path(hidden_in or paths.hidden(len(m.blocks)))
     raw = read_file(hidden_in, "hidden states")
-    inputs_digest = digest(raw, meta.sampling.model_dump_json(), meta.sample_next, full_logits, meta.history)
+    seen = penalized_ids(meta, context_ids, paths.meta)
+    inputs_digest = digest(raw, meta.sampling.model_dump_json(), meta.sample_next, full_logits, meta.history,
+                           *([seen] if seen is not None else []))
     rec = meta.stages.get("output")
     done = paths.logits.exists() and (not meta.sample_next or paths.next_token_file.exists())
     if rec and rec.inputs_digest == inputs_digest and done:
@@ -177,13 +182,46 @@ def output(backend: Backend, paths: StepPaths, sampling: SamplingSettings | None
     write_npy(paths.logits, logits)
     meta.next_token_id = None
     if meta.sample_next:
-        token = sample(logits[0, -1 if last_row else meta.q_len - 1], meta.sampling, meta.step)
+        token = sample(logits[0, -1 if last_row else meta.q_len - 1], meta.sampling, meta.step, seen)
+        meta.seen_token_count = None if seen is None else len(seen)
         write_text(paths.next_token_file, token_file_text(token))
         write_text(paths.next_token_text, token_text(token) if token_text else f"<{token}>")
         meta.next_token_id = token
     meta.stages["output"] = StageRecord(seconds=time.perf_counter() - started, inputs_digest=inputs_digest)
     save_meta(paths.meta, meta, last=True)
     return meta
+
+
+def penalized_ids(meta: StepMeta, context_ids, where: Path) -> list[int] | None:
+    """The ids a repetition penalty sees when this step samples (None without a penalty): the cache's."""
+    if meta.sampling.repetition_penalty == 1.0 or not meta.sample_next:
+        return None
+    if context_ids is None or len(context_ids) != meta.past_len:
+        got = "none" if context_ids is None else len(context_ids)
+        raise StagepipeError(f"{where}: repetition_penalty needs the {meta.past_len} token ids in the cache before "
+                             f"this step, got {got}")
+    return [*context_ids, *meta.input_token_ids]
+
+
+def context_from_siblings(step_dir: Path, past_len: int) -> list[int]:
+    """The token ids in the cache before a step, as a run folder holds them: the input_token_ids of the sibling
+    step folders step_0000 .. step_{N-1}."""
+    step_dir = Path(step_dir)
+    n = step_number(step_dir.name)
+    if n is None and past_len:
+        raise StagepipeError(f"{step_dir}: not named step_NNNN, so its earlier steps are unknown; give --context_ids "
+                             "FILE (the token ids in the cache before this step)")
+    ids = []
+    for i in range(n or 0):
+        meta_path = step_dir.parent / step_name(i) / META
+        if not meta_path.is_file():
+            raise StagepipeError(f"{meta_path}: missing; the repetition penalty needs every earlier step's token ids "
+                                 "(or give --context_ids FILE)")
+        ids += load_meta(meta_path).input_token_ids
+    if len(ids) != past_len:
+        raise StagepipeError(f"{step_dir.parent}: steps before {step_dir.name} hold {len(ids)} token ids, but the "
+                             f"step's past_len is {past_len}; give --context_ids FILE")
+    return ids
 
 
 def meta_plan(meta: StepMeta, m, where: Path) -> StepPlan:

@@ -110,6 +110,9 @@ def print_run(info: dict):
         return
     print("summary (summary.json):")
     for key, value in summary.items():
+        if key == "turns":
+            print_turns(value)
+            continue
         if isinstance(value, list) and len(value) > 12:
             value = f"{abbreviate_ids(value, keep=8)}"
         elif isinstance(value, str):
@@ -117,6 +120,18 @@ def print_run(info: dict):
         elif isinstance(value, float):
             value = f"{value:.4g}"
         print(f"  {key}: {value}")
+
+
+def print_turns(turns: list[dict]):
+    """A conversation's messages, one line each: role, steps, token count, stop reason, text."""
+    if len(turns) <= 2:  # a single turn: the fields above say it all
+        return
+    print("  turns:")
+    for t in turns:
+        steps = f"steps {t['first_step']}..{t['last_step']}" if t["last_step"] >= 0 else "no step done"
+        stop = f", {t['stop_reason']}" if t.get("stop_reason") else ""
+        text = t["text"] if len(t["text"]) <= 60 else t["text"][:57] + "..."
+        print(f"    {t['role']:<9} {steps:<16} {len(t['token_ids']):>5} ids{stop:<12} {text!r}")
 
 
 # -- step ---------------------------------------------------------------------------------------------------------
