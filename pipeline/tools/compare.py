@@ -28,7 +28,7 @@ import numpy as np
 
 from pipeline.core.cli_args import ArgumentParser
 from pipeline.core.errors import StagepipeError, cli_entry
-from pipeline.core.layout import INPUT_FILES, LOGITS, hidden_index, step_dirs, step_number, tensor_sort_key
+from pipeline.core.layout import INPUT_FILES, LOGITS, VISION, hidden_index, step_dirs, step_number, tensor_sort_key
 from pipeline.core.layout import writer_stage as stage_of
 from pipeline.tools.run_reading import classify, load_step_meta, open_npy, run_tokenizer, step_next_token, token_text
 from pipeline.tools.drift_plot import require_matplotlib, write_plot
@@ -173,9 +173,8 @@ def _sides(path_a: Path, path_b: Path):
         raise StagepipeError(f"{path_a} is a {kinds[0]} folder but {path_b} is a {kinds[1]} folder; give two of a kind")
     if kinds[0] == "step":
         return "step", {path_a.name: (path_a, path_b)}
-    a = {d.name: d for d in step_dirs(path_a)}
-    b = {d.name: d for d in step_dirs(path_b)}
-    names = sorted(set(a) | set(b), key=step_number)
+    a, b = ({d.name: d for d in step_dirs(p) + [p / VISION] if d.is_dir()} for p in (path_a, path_b))
+    names = sorted(set(a) | set(b), key=lambda n: -1 if n == VISION else step_number(n))  # a VL run's image step first
     return "run", {n: (a.get(n), b.get(n)) for n in names}
 
 
@@ -253,7 +252,8 @@ def print_report(r: dict):
         if s["only_in"]:
             print(f"{s['step']}: only in run {s['only_in']}")
             continue
-        where = f"{s['mode']}  past_len {s['past_len']}  q_len {s['q_len']}" if s["mode"] else "(no meta.json)"
+        where = f"{s['mode']}  past_len {s['past_len']}  q_len {s['q_len']}" if s["mode"] else \
+            "image step" if s["step"] == VISION else "(no meta.json)"
         print(f"{s['step']}  {where}")
         for key, (va, vb) in s["meta_differs"].items():
             print(f"  meta.json {key} differs: A {va}  B {vb}")
