@@ -5,6 +5,7 @@
     stagepipe convert --model_path M --onnx_dir O ...                    (= python -m pipeline.convert)
     stagepipe inspect PATH | compare A B | ops ONNX_DIR | demo --out DIR
     stagepipe replay GOLDEN_RUN --onnx_dir C | conformance --onnx_dir C | pack RUN -o PACK.tar.gz
+    stagepipe serve [--runs runs] [--port 8000]                          (= doit serve)
     stagepipe stage token_embed|block|output ...                         (= python -m stages.<stage>)
 """
 from __future__ import annotations
@@ -26,6 +27,7 @@ COMMANDS = {
     "conformance": ("pipeline.tools.conformance", "static-shape edge cases checked against the fp32 graphs"),
     "pack": ("pipeline.tools.pack", "a repro pack (.tar.gz) of a run for a vendor ticket"),
     "demo": ("pipeline.demo.checkpoint", "write the demo checkpoint"),
+    "serve": ("pipeline.web.serve", "web pages on 127.0.0.1: browse runs, compare them, chat"),
 }
 STAGES = ("token_embed", "block", "output")
 

@@ -68,6 +68,7 @@ class RunSettings(Strict):
     stop_token_ids: list[int] = []
     sampling: SamplingSettings
     turns: list[UserTurn] = []  # a conversation's later user turns, in order (doit chat, --reply, --messages)
+    image: str | None = None  # VL models: the image file (the run's vision/ step); None for text prompts
 
 
 class StageRecord(Strict):
@@ -101,6 +102,9 @@ class StepMeta(Strict):
     history: str = ""
     # repetition penalty: how many token ids it saw (those in the cache after this step: the conversation so far)
     seen_token_count: int | None = None
+    # VL models (M-RoPE): positions past the prompt are cache slot + position_delta (runtime/mrope.py); None for
+    # text models
+    position_delta: int | None = None
     stages: dict[str, StageRecord] = {}
     next_token_id: int | None = None
     # not saved: set when a stage found its work already done on the same inputs and returned without redoing it
@@ -109,6 +113,21 @@ class StepMeta(Strict):
     @property
     def reused(self) -> bool:
         return self._reused
+
+
+class VisionMeta(Strict):
+    """meta.json of an image step (a run's vision/ folder): the vision stages of one image."""
+
+    schema_version: int = RUN_SCHEMA_VERSION
+    kind: Literal["vision"] = "vision"
+    image: str  # the image file
+    image_digest: str  # md5 of its bytes
+    image_size: int  # it was resized to image_size x image_size
+    grid: list[int]  # [t, h, w] patches
+    image_tokens: int  # rows of image_embeds.npy
+    onnx_fingerprint: str
+    backend: str = "onnx"
+    stages: dict[str, StageRecord] = {}  # preprocess, vision_patch, vision_block0.., vision_merger
 
 
 class TurnSummary(Strict):

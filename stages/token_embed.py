@@ -5,6 +5,9 @@ A chat prompt:       --prompt "text" --chat [--system S] [--no_think] (the onnx_
 Next prompt chunk:   the same --prompt with --past_len 16 (takes the prompt's tokens from past_len on)
 A decode step:       --prev_step runs/x/step_0001 (or --tokens_file runs/x/step_0001/next_token_id.txt)
 A later chat turn:   --tokens_file with the whole conversation's ids so far (the step takes those from past_len on)
+With an image (VL):  --image_embeds runs/x/vision/image_embeds.npy on every prompt step: the prompt's
+                     <|image_pad|> (or, without one, the prompt's start) gets the image's tokens, whose rows of
+                     hidden_block0.npy are the image embeddings; positions are M-RoPE's (pipeline/runtime/mrope.py)
 """
 from __future__ import annotations
 
@@ -14,6 +17,7 @@ from pipeline.core.cli_args import read_text_file
 from pipeline.core.errors import StagepipeError, cli_entry
 from pipeline.core.options import utf8_text
 from pipeline.core.layout import NEXT_TOKEN_ID, step_name
+from pipeline.runtime.image_prompt import image_chat_text, image_prompt_step
 from pipeline.runtime.stage_ops import token_embed
 from pipeline.core.tensors import parse_token_ids
 from pipeline.runtime.chat_template import ChatTemplate
@@ -68,6 +72,8 @@ def main(argv=None):
     p.add_argument("--chat", action="store_true", help="render --prompt with the onnx_dir's chat template")
     p.add_argument("--system", default=None, help="--chat: a system message")
     p.add_argument("--no_think", action="store_true", help="--chat, Qwen3's template: enable_thinking=False")
+    p.add_argument("--image_embeds", type=Path, default=None,
+                   help="VL models: the image step's image_embeds.npy (python -m stages.vision), for prompt steps")
     add_sampling_args(p)
     a = p.parse_args(argv)
     if a.past_len < 0:
@@ -82,12 +88,16 @@ def main(argv=None):
         text = read_text_file(a.prompt_file, "--prompt_file") if a.prompt_file else utf8_text(a.prompt, "--prompt")
         if not text.strip():
             raise StagepipeError(f"{'--prompt_file' if a.prompt_file else '--prompt'} is empty; give some text")
-        if a.chat:
+        if a.chat and a.image_embeds:  # one user turn of the image and the text
+            text = image_chat_text(text, a.onnx_dir, system=a.system)
+        elif a.chat:
             text = ChatTemplate.load(a.onnx_dir).prompt(text, system=a.system, no_think=a.no_think)
         ids = Tokenizer.load(a.onnx_dir).encode(text)
     else:
         ids = parse_token_ids(a.prev_step / NEXT_TOKEN_ID if a.prev_step else (a.tokens_file or a.init_tokens))
-    if a.prompt is not None or a.prompt_file or (a.tokens_file or a.init_tokens) and len(ids) > 1:
+    whole_prompt = a.prompt is not None or bool(a.prompt_file) or bool(a.tokens_file or a.init_tokens) and len(ids) > 1
+    ids, mrope = image_prompt_step(m, ids, a.image_embeds, whole_prompt)
+    if whole_prompt:
         # a whole prompt: this step takes the tokens from past_len on, at most max_input_len of them
         if a.past_len >= len(ids):
             raise StagepipeError(f"--past_len {a.past_len}: the prompt has only {len(ids)} tokens")
@@ -107,7 +117,7 @@ def main(argv=None):
                                  f"{prev} is not there")
     skipped = []
     meta = token_embed(backend, step_paths(a, input_ids=a.input_ids), step, a.past_len, chunk, sampling,
-                       sample_next, a.hidden_out, prev_step_dir=prev, on_skip=skipped.append)
+                       sample_next, a.hidden_out, prev_step_dir=prev, mrope=mrope, on_skip=skipped.append)
     print(skipped[0] if skipped else f"{a.step_dir}: {meta.mode} step {meta.step}, past_len {meta.past_len}, "
                                      f"{meta.q_len} tokens")
 

@@ -21,12 +21,14 @@ from pipeline.checkpoint.safetensors_io import CheckpointWeights
 from pipeline.convert.graphs import GRAPH_FORMAT, GraphShape, Precision, build_block, build_embed, build_output
 from pipeline.convert.onnx_builder import OPSET, WeightStore
 from pipeline.convert.options import PRECISIONS, ConvertOptions
-from pipeline.convert.records import file_records
+from pipeline.convert.records import file_records, graph_paths
 from pipeline.convert.source import WeightSource, check_checkpoint, source_files, source_fingerprint, source_stat
+from pipeline.convert.vision_dir import checked_vision_config, write_vision_graphs
 from pipeline.core.atomic import write_text
 from pipeline.core.errors import StagepipeError
-from pipeline.core.layout import (GENERATION_CONFIG, MANIFEST, MODEL_CONFIG, MODES, TOKENIZER_FILES, graph_file,
-                                  graph_set, weights_file)
+from pipeline.core.tensors import sha256_file
+from pipeline.core.layout import (GENERATION_CONFIG, MANIFEST, MODEL_CONFIG, MODES, PREPROCESSOR_CONFIG,
+                                  TOKENIZER_FILES, graph_file, graph_set, weights_file)
 from schemas.manifest import BlockSpec, GraphSpec, Manifest, TensorSpec
 
 MASK_VALUE = -10000.0  # finite: fits float16 and keeps a fully masked softmax row finite
@@ -41,7 +43,7 @@ def _tensor_specs(values) -> list[TensorSpec]:
     return out
 
 
-def _graph_spec(model: onnx.ModelProto, rel_file: str) -> GraphSpec:
+def graph_spec(model: onnx.ModelProto, rel_file: str) -> GraphSpec:
     mode_dir = rel_file.split("/")[0]
     files = sorted({e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"})
     return GraphSpec(file=rel_file, weights_files=[f"{mode_dir}/{f}" for f in files],
@@ -75,6 +77,7 @@ def convert_with(options: ConvertOptions, log=print) -> Manifest:
     ranges = o.layer_ranges(config.num_layers)
     weights = CheckpointWeights(model_path)
     check_checkpoint(config, weights)
+    vision = checked_vision_config(model_path, weights, o)
     if onnx_dir.exists() and any(onnx_dir.iterdir()) and not (onnx_dir / MANIFEST).exists():
         raise StagepipeError(f"--onnx_dir {onnx_dir} exists and is not a stagepipe onnx_dir; "
                              "choose an empty or new folder")
@@ -87,7 +90,7 @@ def convert_with(options: ConvertOptions, log=print) -> Manifest:
     tmp = onnx_dir.parent / f".{onnx_dir.name}.converting-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        manifest = _write_onnx_dir(config, ranges, weights, tmp, o, log)
+        manifest = _write_onnx_dir(config, ranges, weights, tmp, o, log, vision)
         _replace_dir(tmp, onnx_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -103,7 +106,7 @@ def _graph_sets(max_input_len: int, max_cache_len: int, windows: list[int]):
             for w in sorted(windows, reverse=True) for mode, T in zip(MODES, (max_input_len, 1))]
 
 
-def _write_onnx_dir(config, ranges, weights, out: Path, o: ConvertOptions, log) -> Manifest:
+def _write_onnx_dir(config, ranges, weights, out: Path, o: ConvertOptions, log, vision=None) -> Manifest:
     model_path, C = Path(o.model_path), o.max_cache_len
     for mode in MODES:
         (out / mode).mkdir(parents=True)
@@ -134,7 +137,7 @@ def _write_onnx_dir(config, ranges, weights, out: Path, o: ConvertOptions, log) 
             (out / rel).write_bytes(data)
             graph_hash.update(data)
             written[rel] = hashlib.sha256(data).hexdigest()
-            graphs[name][stage] = _graph_spec(model, rel)
+            graphs[name][stage] = graph_spec(model, rel)
             nonstandard |= {f"{n.domain}:{n.op_type}" for n in model.graph.node if n.domain not in ("", "ai.onnx")}
             done += 1
             log(f"[{done}/{total}] {rel} ({time.perf_counter() - t0:.1f}s)")
@@ -143,9 +146,10 @@ def _write_onnx_dir(config, ranges, weights, out: Path, o: ConvertOptions, log) 
         for mode in MODES:
             written[weights_file(mode, stage)] = store.file_digests[Path(weights_file(MODES[0], stage)).name]
     graph_hash.update(store.hasher.digest())
+    vision_spec = vision and write_vision_graphs(vision, weights, out, o, MASK_VALUE, graph_hash, log)
 
     copied = []
-    for name in (MODEL_CONFIG, GENERATION_CONFIG) + TOKENIZER_FILES:
+    for name in (MODEL_CONFIG, GENERATION_CONFIG, PREPROCESSOR_CONFIG) + TOKENIZER_FILES:
         if (model_path / name).exists():
             shutil.copyfile(model_path / name, out / name)
             copied.append(name)
@@ -159,7 +163,10 @@ def _write_onnx_dir(config, ranges, weights, out: Path, o: ConvertOptions, log) 
         graphs=graphs, source_path=str(model_path.resolve()), source_files=source_stat(files),
         source_fingerprint=source_fingerprint(files), graphs_fingerprint=graph_hash.hexdigest(),
         tokenizer_files=[n for n in copied if n in TOKENIZER_FILES],
-        nonstandard_ops=sorted(nonstandard), files=file_records(out, written))
+        nonstandard_ops=sorted(nonstandard), vision=vision_spec)
+    # digests taken while writing; the vision graphs' files are read back
+    digests = {rel: written.get(rel) or sha256_file(out / rel) for rel in graph_paths(manifest)}
+    manifest = manifest.model_copy(update={"files": file_records(out, digests)})
     write_text(out / MANIFEST, manifest.model_dump_json(indent=2) + "\n")
     return manifest
 

@@ -31,8 +31,10 @@ def file_records(onnx_dir: Path, digests: dict[str, str]) -> dict[str, WrittenFi
 
 
 def graph_paths(manifest: Manifest) -> list[str]:
-    """Every graph and weights file the manifest's graphs name."""
-    return sorted({p for stages in manifest.graphs.values() for g in stages.values() for p in (g.file, *g.weights_files)})
+    """Every graph and weights file the manifest's graphs name (a VL model's vision graphs included)."""
+    specs = [g for stages in manifest.graphs.values() for g in stages.values()]
+    specs += list(manifest.vision.graphs.values()) if manifest.vision else []
+    return sorted({p for g in specs for p in (g.file, *g.weights_files)})
 
 
 def record(onnx_dir: Path) -> tuple[Manifest, Manifest]:

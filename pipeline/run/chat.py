@@ -192,8 +192,8 @@ def main(argv=None) -> int:
 
 def chat_action(**params):
     """doit action for `doit chat`."""
-    from pipeline.core.options import from_values
+    from pipeline.run.main import options_or_exit
 
-    code = chat(from_values(RunOptions, params))
+    code = chat(options_or_exit(params))
     if code:
         sys.exit(code)

@@ -88,15 +88,19 @@ def command_main(command, prog: str, description: str, argv=None, skip=(), **def
     return command(options)
 
 
-def run_auto_action(**params):
-    """doit action for `doit run_auto`: the process exits with run_auto's code."""
+def options_or_exit(params: dict) -> RunOptions:
+    """RunOptions from doit's parameters; a bad value is one error line and exit 2."""
     from pipeline.core.options import from_values
 
     try:
-        options = from_values(RunOptions, params)
+        return from_values(RunOptions, params)
     except StagepipeError as e:
         print(f"error: {e}", file=sys.stderr)
         sys.exit(2)
-    code = run_auto(options)
+
+
+def run_auto_action(**params):
+    """doit action for `doit run_auto`: the process exits with run_auto's code."""
+    code = run_auto(options_or_exit(params))
     if code:
         sys.exit(code)

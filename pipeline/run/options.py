@@ -17,6 +17,8 @@ SAMPLING_SOURCES = ("flags", "model")
 class RunOptions:
     prompt: str | None = option(None, "prompt text (default: a demo prompt)")
     prompt_file: str = option("", "read the prompt from this UTF-8 text file instead")
+    image: str = option("", "VL models: an image file the prompt is about (its tokens go where the prompt writes "
+                            "<|image_pad|>, else before the prompt)")
     model_path: str = option("", "HF checkpoint: converted first when the onnx_dir is missing or stale")
     onnx_dir: str = option("", "converted model folder (default with --model_path: onnx/<model folder name>)")
     run_root: str = option("runs/demo", "the run's folder")

@@ -22,6 +22,7 @@ from pipeline.core.errors import StagepipeError
 from pipeline.core.jsonfile import load_manifest, load_model_file
 from pipeline.core.layout import StepPaths, read_token_file, step_name
 from pipeline.run import conversation
+from pipeline.run.image_run import ImageStep
 from pipeline.run.lock import lock_run_dir
 from pipeline.run import verify
 from pipeline.run.options import RunOptions
@@ -38,7 +39,7 @@ from schemas.run import RunSettings, SamplingSettings
 
 # run.json fields a rerun must keep unless it branches (--from_step) or starts over (--clean)
 FIXED_SETTINGS = ("prompt", "chat", "no_think", "system", "prompt_token_ids", "onnx_fingerprint", "backend",
-                  "ignore_eos", "full_logits", "sampling")
+                  "ignore_eos", "full_logits", "sampling", "image")
 
 
 def changed_settings(old: RunSettings, new: RunSettings) -> list[str]:
@@ -76,10 +77,15 @@ class Run:
         prompt = options.prompt_text()
         if (options.system or options.no_think) and not options.chat:
             raise StagepipeError("--system and --no_think go with --chat (the checkpoint's chat template)")
-        self.template = ChatTemplate.load(onnx_dir) if options.chat else None
         system = options.system or None
-        text = self.template.prompt(prompt, system=system, no_think=options.no_think) if options.chat else prompt
-        ids = self.tokenizer.encode(text)
+        self.image = ImageStep(self.dir, m, Path(options.image), self.onnx_dir) if options.image else None
+        if self.image:  # a VL model's image step comes first (pipeline/run/image_run.py)
+            self.template = self.image.chat_template(options, self.onnx_dir)
+            ids = self.image.prompt_ids(self.tokenizer, prompt, options.chat, self.onnx_dir, system)
+        else:
+            self.template = ChatTemplate.load(onnx_dir) if options.chat else None
+            text = self.template.prompt(prompt, system=system, no_think=options.no_think) if options.chat else prompt
+            ids = self.tokenizer.encode(text)
         if len(ids) >= m.max_cache_len:
             raise StagepipeError(f"the prompt has {len(ids)} tokens; the {m.max_cache_len}-slot KV cache needs room "
                                  "for at least one more: shorten it or convert with a larger --max_cache_len")
@@ -91,7 +97,7 @@ class Run:
             backend=hybrid_label(options.backend, self.routes), stage_routes=route_records(self.routes),
             max_new_tokens=options.steps, ignore_eos=options.ignore_eos, full_logits=options.full_logits,
             stop_token_ids=[] if options.ignore_eos else m.model.eos_token_ids,
-            sampling=check_sampling(sampling or options.sampling_settings(self.onnx_dir)))
+            sampling=check_sampling(sampling or options.sampling_settings(self.onnx_dir)), image=options.image or None)
         self.pending: list[str] = []  # user turns still to add (set by prepare)
         self.show_stop_tokens = True  # stream them like any token (doit chat leaves them out)
         self.report = print_summary_line
@@ -259,6 +265,9 @@ class Run:
         self._replan()
 
     # -- actions -------------------------------------------------------------------------------------------------
+    def vision(self):
+        self.image.run(self.backend)
+
     def embed(self, s: int):
         if self.stop_requested:
             return
@@ -270,9 +279,11 @@ class Run:
         tokens = turn.chunk(s) or [
             stage_ops.adopt_token_edit(StepPaths(self.step_dir(s - 1)), self.tokenizer.token_text)]
         self._fed[s] = tokens
+        # the first turn's prompt steps take the image's rows and positions; every later step continues its delta
+        mrope = self.image.mrope(list(turn.token_ids)) if self.image and turn.index == 0 and turn.chunk(s) else None
         stage_ops.token_embed(self.backend, StepPaths(self.step_dir(s)), s, turn.past_len_at(s), tokens,
                               self.settings.sampling, sample_next=s >= turn.first_sampling_step,
-                              prev_step_dir=self.step_dir(s - 1) if s else None)
+                              prev_step_dir=self.step_dir(s - 1) if s else None, mrope=mrope)
 
     def block(self, s: int, k: int):
         if self.stop_requested or self.stopped_before(s):
@@ -324,6 +335,8 @@ class Run:
         m = self.manifest
         blocks = len(m.blocks)
         outputs = []
+        if self.image:
+            yield self.image.task(guard(self.vision), basename, self.options.backend)
         for s in range(self.n_steps):
             d, name = self.step_dir(s), step_name(s)
             turn = self.plan.turn_of(s)
@@ -337,6 +350,8 @@ class Run:
             deps = list(history)
             if chunk is None:
                 deps.append(str(self.step_dir(s - 1) / layout.NEXT_TOKEN_ID))
+            elif self.image and turn.index == 0:
+                deps.append(self.image.embeds_file)
             step_config = {"tokens": chunk if chunk is not None else "previous", "past_len": turn.past_len_at(s),
                            "onnx": m.graphs_fingerprint, "backend": self.options.backend}
             yield {"basename": basename, "name": f"{name}:embed", "actions": [guard(self.embed, s)],

@@ -4,9 +4,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from pipeline.core import layout
+from pipeline.core.jsonfile import load_model_file
 from pipeline.core.layout import read_token_file
 from pipeline.runtime import stage_ops
-from schemas.run import RunSummary, TurnSummary
+from schemas.run import RunSummary, TurnSummary, VisionMeta
 
 
 @dataclass
@@ -29,9 +30,16 @@ class TurnResult:
         return self.decode_steps / self.decode_s if self.decode_steps and self.decode_s > 0 else None
 
 
+def image_step_seconds(vision_dir) -> float:
+    path = vision_dir / layout.META
+    return sum(r.seconds for r in load_model_file(path, VisionMeta).stages.values()) if path.exists() else 0.0
+
+
 def turn_result(run, turn) -> TurnResult:
     """What a turn's step folders hold: its reply so far and why it stopped ("running" while it may go on)."""
     r = TurnResult()
+    if turn.index == 0 and getattr(run, "image", None) is not None:  # the first token waits for the image step too
+        r.prefill_s += image_step_seconds(run.dir / layout.VISION)
     stops = set(run.settings.stop_token_ids)
     for s in turn.steps():
         meta_path = run.step_dir(s) / layout.META

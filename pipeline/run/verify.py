@@ -22,14 +22,16 @@ def refuse_links(run_dir: Path):
     """One error line for a symbolic link where a run writes (its files, step folders, the KV cache and the
     files in them): writes never follow a link out of the run folder."""
     run_dir = Path(run_dir)
-    places = [run_dir / n for n in (layout.RUN_JSON, layout.SUMMARY_JSON, layout.LOCK_FILE, layout.KV_DIR)]
+    places = [run_dir / n for n in (layout.RUN_JSON, layout.SUMMARY_JSON, layout.LOCK_FILE, layout.KV_DIR,
+                                    layout.VISION)]
     places += [p for p in _entries(run_dir) if p.name.startswith(layout.DOIT_DB)]
     places += [p for p in _entries(run_dir) if layout.step_number(p.name) is not None]
     for place in places:
         if place.is_symlink():
             raise StagepipeError(f"{place}: is a symbolic link; a run writes only inside its folder: remove the "
                                  "link, then run the same command again")
-        if place.is_dir() and place.name != layout.KV_DIR and layout.step_number(place.name) is None:
+        if place.is_dir() and place.name not in (layout.KV_DIR, layout.VISION) and \
+                layout.step_number(place.name) is None:
             continue
         if place.is_dir():
             for inner in _entries(place):
@@ -42,7 +44,7 @@ def remove_temp_files(run_dir: Path):
     """Remove the temp files of writes a crash cut short, in the run folder, the KV cache and the step folders
     (never inside a link or another folder)."""
     run_dir = Path(run_dir)
-    folders = [run_dir, run_dir / layout.KV_DIR, *layout.step_dirs(run_dir)]
+    folders = [run_dir, run_dir / layout.KV_DIR, run_dir / layout.VISION, *layout.step_dirs(run_dir)]
     for folder in folders:
         if folder.is_dir() and not folder.is_symlink():
             for p in _entries(folder):

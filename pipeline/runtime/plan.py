@@ -56,6 +56,11 @@ def window_for(manifest, slots: int) -> int:
     return fitting[0]
 
 
+def position_ids_shape(manifest, T: int) -> tuple[int, ...]:
+    """(1,T), or (3,1,T) for a VL model's M-RoPE (pipeline/runtime/mrope.py)."""
+    return (3, 1, T) if manifest.model.mrope_section else (1, T)
+
+
 def hidden_dtype(manifest) -> np.dtype:
     """dtype of the hidden states passed between stages."""
     return np.dtype(np.float16 if manifest.precision == "fp16" else np.float32)

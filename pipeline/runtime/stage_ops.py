@@ -19,7 +19,8 @@ from pipeline.core.errors import StagepipeError
 from pipeline.core.layout import (META, StepPaths, hidden_file, read_token_file, step_name, step_number,
                                    token_file_text)
 from pipeline.runtime.kv_cache import slots_digest, store_slots
-from pipeline.runtime.plan import StepPlan, hidden_dtype, plan_inputs, plan_step
+from pipeline.runtime.mrope import MropeStep
+from pipeline.runtime.plan import StepPlan, hidden_dtype, plan_inputs, plan_step, position_ids_shape
 from pipeline.runtime.sampling import check_sampling, sample
 from pipeline.core.tensors import digest, file_digest, parse_tensor, read_file
 from pipeline.core.jsonfile import load_model_file
@@ -27,7 +28,8 @@ from schemas.run import SamplingSettings, StageRecord, StepMeta
 
 # the step fields token_embed decides; a later stage refuses a meta.json whose fields were edited since
 STEP_FIELDS = {"step", "mode", "past_len", "q_len", "next_past_len", "max_input_len", "max_cache_len",
-               "attention_window", "input_token_ids", "onnx_fingerprint", "backend", "sample_next", "history"}
+               "attention_window", "input_token_ids", "onnx_fingerprint", "backend", "sample_next", "history",
+               "position_delta"}
 
 
 def load_meta(path: Path) -> StepMeta:
@@ -154,10 +156,11 @@ def adopt_token_edit(paths: StepPaths, token_text) -> int:
 
 def token_embed(backend: Backend, paths: StepPaths, step: int, past_len: int, token_ids: list[int],
                 sampling: SamplingSettings, sample_next: bool = True, hidden_out: Path | None = None,
-                prev_step_dir: Path | None = None, on_skip=None) -> StepMeta:
+                prev_step_dir: Path | None = None, mrope: MropeStep | None = None, on_skip=None) -> StepMeta:
     """Write the step's inputs, hidden_block0 and a new meta.json. When the step's fields are unchanged the
     other stages' records are kept: each still holds only if its inputs and outputs do (stage_problem).
-    on_skip(line): told why nothing was redone, when so."""
+    mrope: a VL model's prompt step with an image (MropeStep.for_prompt); other VL steps continue the
+    previous step's position_delta. on_skip(line): told why nothing was redone, when so."""
     started = time.perf_counter()
     m = backend.manifest
     vocab = m.model.vocab_size
@@ -167,12 +170,15 @@ def token_embed(backend: Backend, paths: StepPaths, step: int, past_len: int, to
     plan = plan_step(m, past_len, len(token_ids))
     hidden_out = Path(hidden_out or paths.hidden(0))
     history = history_of(prev_step_dir, m) if past_len > 0 else ""
-    inputs_digest = digest(m.graphs_fingerprint, backend.name, step, past_len, token_ids, history)
+    if m.model.mrope_section and mrope is None:
+        mrope = MropeStep(delta_of(prev_step_dir) if past_len > 0 else 0)
+    inputs_digest = digest(m.graphs_fingerprint, backend.name, step, past_len, token_ids, history,
+                           *([mrope.digest(plan)] if mrope else []))
     meta = StepMeta(step=step, mode=plan.mode, past_len=past_len, q_len=len(token_ids),
                     next_past_len=plan.next_past_len, max_input_len=m.max_input_len,
                     max_cache_len=m.max_cache_len, attention_window=plan.W, input_token_ids=list(token_ids),
                     onnx_fingerprint=m.graphs_fingerprint, backend=backend.name, sampling=check_sampling(sampling),
-                    sample_next=sample_next, history=history)
+                    sample_next=sample_next, history=history, position_delta=mrope.delta if mrope else None)
     old = readable_meta(paths.meta)
     same_step = old is not None and step_identity(old) == step_identity(meta)
     outputs = (paths.input_ids, paths.attention_mask, paths.position_ids, hidden_out)
@@ -181,6 +187,8 @@ def token_embed(backend: Backend, paths: StepPaths, step: int, past_len: int, to
         return old
     input_ids, mask, positions = plan_inputs(plan, token_ids, m.mask_value)
     hidden = backend.embed(input_ids)
+    if mrope is not None:  # the embed graph is the text model's; image rows and 3-D positions are set here
+        positions, hidden = mrope.apply(plan, token_ids, hidden)
     written = {record_key(paths, path): write_npy(path, arr)
                for path, arr in zip(outputs, (input_ids, mask, positions, hidden))}
     written[META] = step_identity(meta)
@@ -192,6 +200,19 @@ def token_embed(backend: Backend, paths: StepPaths, step: int, past_len: int, to
         meta.stages["embed"] = record
     save_meta(paths.meta, meta)
     return meta
+
+
+def delta_of(prev_step_dir: Path | None) -> int:
+    """The M-RoPE position delta a VL step continues from: the previous step's (0 without one)."""
+    if prev_step_dir is None:
+        return 0
+    path = Path(prev_step_dir) / META
+    if not path.exists():
+        raise StagepipeError(f"{path}: the previous step has no meta.json; run its token_embed first")
+    delta = load_meta(path).position_delta
+    if delta is None:
+        raise StagepipeError(f"{path}: no position_delta: the previous step was not made by a VL model's graphs")
+    return delta
 
 
 def block(backend: Backend, paths: StepPaths, k: int, past_key: np.ndarray, past_value: np.ndarray,
@@ -217,7 +238,8 @@ def block(backend: Backend, paths: StepPaths, k: int, past_key: np.ndarray, past
     T, W = plan.T, plan.W
     hidden = parse_tensor(raw["hidden states"], hidden_in, (1, T, H), hidden_dtype(m), "hidden states")
     mask = parse_tensor(raw["attention mask"], paths.attention_mask, (1, 1, T, W + T), np.float32, "attention mask")
-    positions = parse_tensor(raw["position ids"], paths.position_ids, (1, T), np.int64, "position ids")
+    positions = parse_tensor(raw["position ids"], paths.position_ids, position_ids_shape(m, T), np.int64,
+                             "position ids")
     out, present_key, present_value = backend.block(k, hidden, mask, positions, past_key, past_value)
     store_slots(past_key, meta.past_len, meta.q_len, present_key)
     store_slots(past_value, meta.past_len, meta.q_len, present_value)
