@@ -146,14 +146,15 @@ def open_cache_file(path: Path, shape, dtype, follow_symlinks: bool = False) -> 
                                  f"{list(shape)} {np.dtype(dtype)}; use --reset_kv or the matching onnx_dir")
         offset = f.tell()
         nbytes = int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
-        size = os.fstat(fd).st_size
-        if size != offset + nbytes:
-            raise StagepipeError(f"{path}: KV cache file has {size} bytes, its header says {offset + nbytes} "
+        st = os.fstat(fd)
+        if st.st_size != offset + nbytes:
+            raise StagepipeError(f"{path}: KV cache file has {st.st_size} bytes, its header says {offset + nbytes} "
                                  f"(truncated or damaged); {fix}")
-        try:
-            os.posix_fallocate(fd, offset, nbytes)  # fills the holes of files written sparse by older versions
-        except OSError as e:
-            raise with_filename(e, path) from None
+        if st.st_blocks * 512 < st.st_size:  # holes (a file written sparse by an older stagepipe): fill them now
+            try:  # (only then: fallocate sets the file's mtime)
+                os.posix_fallocate(fd, offset, nbytes)
+            except OSError as e:
+                raise with_filename(e, path) from None
         return np.memmap(f, dtype=np.dtype(dtype), mode="r+", offset=offset, shape=tuple(shape))
 
 
