@@ -4,7 +4,7 @@ uninterrupted run's tokens and files, or one clear error line.
     python -m benchmarks.fault_campaign --kills 100           # the full campaign (the README's figures)
     python -m benchmarks.fault_campaign --kills 16 --damage quick --json faults.json
 
-On the demo checkpoint converted small (2 blocks, T=8, C=64; 7 steps: 2 prompt chunks, 5 decode steps):
+On the demo checkpoint converted small (2 blocks, T=8, C=64; 11 steps: 2 prompt chunks, 9 decode steps):
 - kills: chains of runs in one folder, each killed (SIGKILL, SIGTERM or SIGINT) at a point drawn from every
   phase: startup, prepare (lock taken: reconciling, cache, sessions), a prefill step, a decode step, and the end
   (after summary.json: doit saving its record, the process exiting: the last milliseconds). SIGINT is sent once
@@ -41,10 +41,12 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPT = "The quick brown fox jumps over the lazy dog, and then it runs far away."
-NEW_TOKENS, T, C = 6, 8, 64
+NEW_TOKENS, T, C = 10, 8, 64
 OUTCOMES = ("identical", "clear error", "edit followed, with a note", "traceback", "silently different", "other")
 EDIT_NOTE = "the steps after it follow this edit"
 PHASES = ("startup", "prepare", "prefill", "decode", "end")
+# a step is over in milliseconds, startup takes a second: the steps are drawn more often
+PHASE_WEIGHTS = {"startup": 1, "prepare": 1, "prefill": 2, "decode": 3, "end": 1}
 SIGNALS = {"SIGKILL": signal.SIGKILL, "SIGTERM": signal.SIGTERM, "SIGINT": signal.SIGINT}
 INTERRUPTED = "interrupted; run the same command to resume"
 
@@ -187,7 +189,7 @@ def _pick_kill(rng: random.Random, sig_name: str, done: int, n_chunks: int, n_st
     """-> (phase, trigger(run_dir, pid, t0_ns) -> bool, delay_s): kill `delay_s` after the trigger holds."""
     phases = [p for p in PHASES if not (p == "startup" and sig_name == "SIGINT")
               and not (p == "prefill" and done >= n_chunks) and not (p == "decode" and done >= n_steps)]
-    phase = rng.choice(phases)
+    phase = rng.choices(phases, [PHASE_WEIGHTS[p] for p in phases])[0]
     if phase == "startup":
         return phase, lambda run_dir, pid, t0: True, rng.uniform(0.0, 1.2)
     if phase == "prepare":
@@ -243,6 +245,8 @@ def kill_campaign(sb: Sandbox, kills: int, seed: int, log=print) -> dict:
         for _ in range(rng.randint(3, 8)):
             if len(records) >= kills:
                 break
+            if _finished_steps(run_dir) >= n_steps and rng.random() < 0.5:
+                break  # a finished run: a kill or two while it is rerun, then a new chain
             r = kill_once(sb, run_dir, rng, signals, n_chunks, n_steps)
             if r["killed"]:
                 records.append(r)
