@@ -79,7 +79,7 @@ def test_folders_that_are_not_step_folders_are_ignored(sandbox, tmp_path):
     shutil.copytree(sandbox.reference, run)
     shutil.copytree(run / "step_0003", run / "step_0003.bak")
     (run / "step_03").mkdir()
-    (run / "step_0009").write_text("a file, not a folder")
+    (run / "step_9999").write_text("a file, not a folder")
     assert [d.name for d in step_dirs(run)] == [d.name for d in step_dirs(sandbox.reference)]
 
 
