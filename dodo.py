@@ -1,6 +1,7 @@
 """stagepipe tasks. `doit list` shows them; `doit help TASK` shows a task's options and their defaults.
 
     doit run_auto [--prompt ...]         generate through the stage pipeline (the demo model by default)
+    doit run_set --prompts P.jsonl [-n 2]   one run folder per prompt, side by side (or on Ray: --ray)
     doit convert --model_path M --onnx_dir O [...]
     doit demo_model                      write the demo checkpoint to models/demo-qwen3
     doit inspect --path runs/demo        look inside a run, step or kv_cache folder
@@ -17,6 +18,7 @@ from pipeline.convert.options import ConvertOptions
 from pipeline.core.options import doit_params
 from pipeline.run.doit_support import QuietReporter, friendly_task_option_errors
 from pipeline.run.options import RunOptions
+from pipeline.run.run_set import PER_RUN, RunSetOptions
 
 DOIT_CONFIG = {"default_tasks": ["run_auto"], "verbosity": 2, "reporter": QuietReporter, "backend": "json"}
 friendly_task_option_errors()
@@ -43,6 +45,14 @@ def task_run_auto(**params):
     from pipeline.run.main import run_auto_action
 
     return {"actions": [(run_auto_action, [], params)], "uptodate": [False], "verbosity": 2}
+
+
+@task_params(doit_params(RunSetOptions) + doit_params(RunOptions, skip=PER_RUN))
+def task_run_set(**params):
+    """Run a prompts.jsonl set: one resumable run folder per prompt, in parallel processes or on Ray."""
+    from pipeline.run.run_set import run_set_action
+
+    return {"actions": [(run_set_action, [], params)], "uptodate": [False], "verbosity": 2}
 
 
 @task_params(doit_params(ConvertOptions))

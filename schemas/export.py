@@ -8,9 +8,10 @@ import json
 from pathlib import Path
 
 from schemas.manifest import Manifest
-from schemas.run import CacheRecord, RunSettings, RunSummary, StepMeta
+from schemas.run import CacheRecord, RunSetRecord, RunSettings, RunSummary, SetSummary, StepMeta
 
-SCHEMAS = {"manifest": Manifest, "run": RunSettings, "meta": StepMeta, "summary": RunSummary, "cache": CacheRecord}
+SCHEMAS = {"manifest": Manifest, "run": RunSettings, "meta": StepMeta, "summary": RunSummary, "cache": CacheRecord,
+           "run_set": RunSetRecord, "set_summary": SetSummary}
 SCHEMA_DIR = Path(__file__).parent
 
 

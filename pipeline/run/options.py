@@ -31,6 +31,7 @@ class RunOptions:
     no_think: bool = option(False, "Qwen3: empty think block")
     backend: str = option("onnx", "onnx or reference")
     provider: str = option("cpu", "onnxruntime: cpu or cuda")
+    threads: int = option(0, "onnxruntime threads (0: one per core; runs side by side share the cores)")
     ignore_eos: bool = option(False, "do not stop at end of sequence")
     from_step: int = option(-1, "discard steps >= K and generate them again (-1: keep all)")
     clean: bool = option(False, "start the run folder over")

@@ -96,7 +96,8 @@ class Run:
         if self._backend is None:
             # this process runs stages only: their sessions can share one thread pool
             o = self.options
-            kwargs = {"provider": o.provider, "process_pool": True} if o.backend == "onnx" else {}
+            kwargs = {"provider": o.provider, "process_pool": True, "threads": o.threads} if o.backend == "onnx" \
+                else {}
             self._backend = make_backend(o.backend, self.onnx_dir, self.manifest, **kwargs)
         return self._backend
 
