@@ -37,14 +37,14 @@ def _tensor_specs(values) -> list[TensorSpec]:
     return out
 
 
-def _graph_spec(model: onnx.ModelProto, rel_file: str) -> GraphSpec:
+def graph_spec(model: onnx.ModelProto, rel_file: str) -> GraphSpec:
     mode_dir = rel_file.split("/")[0]
     files = sorted({e.value for t in model.graph.initializer for e in t.external_data if e.key == "location"})
     return GraphSpec(file=rel_file, weights_files=[f"{mode_dir}/{f}" for f in files],
                      inputs=_tensor_specs(model.graph.input), outputs=_tensor_specs(model.graph.output))
 
 
-def _share_weights(src: Path, dst: Path, copy: bool):
+def share_weights(src: Path, dst: Path, copy: bool):
     """Prefill and decode graphs share one weights file on disk through a hard link: onnxruntime refuses
     external data outside a graph's folder, so a '../' path cannot do it. onnx >= 1.21 in turn refuses to load
     weights from a file with several links (load_external_data=False still works): --copy_weights is for tools
@@ -81,7 +81,7 @@ def convert_with(options: ConvertOptions, log=print) -> Manifest:
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         manifest = _write_onnx_dir(config, ranges, weights, tmp, o, log)
-        _replace_dir(tmp, onnx_dir)
+        replace_dir(tmp, onnx_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -125,12 +125,12 @@ def _write_onnx_dir(config, ranges, weights, out: Path, o: ConvertOptions, log) 
             data = model.SerializeToString()
             (out / rel).write_bytes(data)
             graph_hash.update(data)
-            graphs[name][stage] = _graph_spec(model, rel)
+            graphs[name][stage] = graph_spec(model, rel)
             nonstandard |= {f"{n.domain}:{n.op_type}" for n in model.graph.node if n.domain not in ("", "ai.onnx")}
             done += 1
             log(f"[{done}/{total}] {rel} ({time.perf_counter() - t0:.1f}s)")
         store.close()
-        _share_weights(out / weights_file(MODES[0], stage), out / weights_file(MODES[1], stage), o.copy_weights)
+        share_weights(out / weights_file(MODES[0], stage), out / weights_file(MODES[1], stage), o.copy_weights)
     graph_hash.update(store.hasher.digest())
 
     copied = []
@@ -153,7 +153,7 @@ def _write_onnx_dir(config, ranges, weights, out: Path, o: ConvertOptions, log) 
     return manifest
 
 
-def _replace_dir(new: Path, target: Path):
+def replace_dir(new: Path, target: Path):
     old = None
     if target.exists():
         old = target.parent / f".{target.name}.old-{os.getpid()}"
