@@ -62,6 +62,17 @@ class SourceFile(BaseModel):
     mtime_ns: int
 
 
+class QuantizationSpec(BaseModel):
+    """How a quantized onnx_dir was made from others (python -m pipeline.quantize, python -m pipeline.mixed)."""
+
+    scheme: str  # w8a8, w8a16, w4a16 (QDQ), or mixed
+    source_fingerprint: str  # graphs_fingerprint of the fp32 onnx_dir it was made from
+    stages: dict[str, str]  # stage -> what its graphs are: "w8a8" (quantized here), "fp32", "int4" (copied), ...
+    keep_float: list[str] = []  # graph parts left in float (pipeline/npu/graph_parts.py): mask, rope, norms
+    calibration_runs: list[str] = []  # the run folders the activation ranges were calibrated on
+    calibration_samples: dict[str, int] = {}  # stage -> samples calibrated on
+
+
 class Manifest(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
@@ -69,7 +80,9 @@ class Manifest(BaseModel):
     stagepipe_version: str
     graph_format: int = 0  # pipeline.graphs.GRAPH_FORMAT of the converter that wrote it (0: before it was recorded)
     model: ModelConfig
-    precision: Literal["fp32", "fp16", "int8", "int4"]  # int8/int4: weight-only quantized linear layers
+    # int8/int4: weight-only quantized linear layers (MatMulNBits); qdq-*: QuantizeLinear/DequantizeLinear graphs
+    # (python -m pipeline.quantize); mixed: each stage's graphs from another onnx_dir (python -m pipeline.mixed)
+    precision: Literal["fp32", "fp16", "int8", "int4", "qdq-w8a8", "qdq-w8a16", "qdq-w4a16", "mixed"]
     kv_dtype: Literal["float16", "float32"]
     max_input_len: int  # T of the prefill graphs
     max_cache_len: int  # C: KV cache slots
@@ -87,6 +100,7 @@ class Manifest(BaseModel):
     graphs_fingerprint: str  # sha256 over every graph and weight byte written
     tokenizer_files: list[str]
     nonstandard_ops: list[str] = []  # "domain:Op" outside the default ONNX domain (int8/int4: MatMulNBits)
+    quantization: QuantizationSpec | None = None  # qdq-* and mixed onnx_dirs: how they were made
 
     def windows(self) -> list[int]:
         return self.cache_windows or [self.max_cache_len]

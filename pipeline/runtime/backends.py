@@ -20,6 +20,9 @@ from schemas.manifest import Manifest
 from pipeline.core.layout import MODEL_CONFIG
 
 
+FLOAT_PRECISIONS = ("fp32", "fp16")  # graphs whose weights are plain float tensors
+
+
 class Backend:
     name = "base"
 
@@ -99,8 +102,9 @@ class OnnxBackend(Backend):
             opts = ort.SessionOptions()
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             # plain MatMul/Gemm read the shared pages as they are; MatMulNBits (int8/int4) is fast only with its
-            # weights prepacked, and onnxruntime packs only weights it loads itself (not shared initializers)
-            share = self.providers[0] == "CPUExecutionProvider" and not self.manifest.nonstandard_ops
+            # weights prepacked, and onnxruntime packs only weights it loads itself (not shared initializers);
+            # QDQ graphs' int4 weights cannot be mapped as numpy arrays at all
+            share = self.providers[0] == "CPUExecutionProvider" and self.manifest.precision in FLOAT_PRECISIONS
             if share:
                 opts.add_session_config_entry("session.disable_prepacking", "1")
             # worker threads spin between the ops of a run (a decode block is hundreds of small ops) and stop when
