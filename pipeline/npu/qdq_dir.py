@@ -2,7 +2,8 @@
 copied, manifest.json updated (precision qdq-<scheme>, opset, graphs, fingerprint, how it was made).
 
 Each stage's graphs keep the fp32 dir's layout: prefill/<stage>.onnx, decode/<stage>.onnx, the window graphs beside
-them, their weights in one <stage>.data per mode folder (decode's a hard link of prefill's)."""
+them, their weights in one <stage>.data per mode folder (decode's a copy of prefill's, or a hard link with
+link=True: less disk, but the onnx package >= 1.21 refuses to load weights from hard-linked files)."""
 from __future__ import annotations
 
 import hashlib
@@ -26,25 +27,28 @@ from schemas.manifest import GraphSpec, Manifest, QuantizationSpec
 INLINE_BYTES = 1024  # smaller initializers (scales, zero points, shapes) stay inside the graph
 
 
-def copy_into(src_dir: Path, out: Path, rel: str):
-    """A file of src_dir at the same place in out: a hard link when the filesystem allows (read-only use)."""
+def copy_into(src_dir: Path, out: Path, rel: str, link: bool = False):
+    """A file of src_dir at the same place in out: a copy, or a hard link (where the filesystem allows) with
+    link=True; the onnx package >= 1.21 refuses to load weights from a file with several links."""
     (out / rel).parent.mkdir(parents=True, exist_ok=True)
     if (out / rel).exists():
         return
-    try:
-        os.link(src_dir / rel, out / rel)
-    except OSError:
-        shutil.copyfile(src_dir / rel, out / rel)
+    if link:
+        try:
+            return os.link(src_dir / rel, out / rel)
+        except OSError:
+            pass
+    shutil.copyfile(src_dir / rel, out / rel)
 
 
-def copy_stage(src_dir: Path, m: Manifest, stage: str, out: Path, graph_hash) -> dict[str, GraphSpec]:
+def copy_stage(src_dir: Path, m: Manifest, stage: str, out: Path, graph_hash, link: bool) -> dict[str, GraphSpec]:
     """A stage's graphs and weight files as they are; -> {graph set: spec}."""
     specs = {}
     for name, graphs in m.graphs.items():
         if stage in graphs:
             spec = graphs[stage]
             for rel in [spec.file, *spec.weights_files]:
-                copy_into(src_dir, out, rel)
+                copy_into(src_dir, out, rel, link)
             graph_hash.update((src_dir / spec.file).read_bytes())
             specs[name] = spec
     return specs
@@ -78,7 +82,8 @@ def save_graph(model: onnx.ModelProto, out: Path, rel: str, store: WeightStore) 
 
 
 def quantize_stage(src_dir: Path, m: Manifest, stage: str, runs: list[RunFolderView], scheme_name: str,
-                   keep_float: list[str], max_samples: int, seed: int, out: Path, graph_hash, log) -> tuple[dict, int]:
+                   keep_float: list[str], max_samples: int, seed: int, out: Path, graph_hash, link: bool,
+                   log) -> tuple[dict, int]:
     """Every graph of the stage quantized from one calibration; -> ({graph set: spec}, samples calibrated on)."""
     scheme = SCHEMES[scheme_name]
     every = stage_samples(runs, stage, len(m.blocks))
@@ -105,12 +110,13 @@ def quantize_stage(src_dir: Path, m: Manifest, stage: str, runs: list[RunFolderV
             log(f"  {spec.file}: {scheme_name}")
     store.close()
     graph_hash.update(store.hasher.digest())
-    share_weights(out / weights_file(MODES[0], stage), out / weights_file(MODES[1], stage), copy=False)
+    share_weights(out / weights_file(MODES[0], stage), out / weights_file(MODES[1], stage), copy=not link)
     return specs, sum(map(len, samples.values()))
 
 
 def write_qdq_dir(src_dir: Path, runs: list[RunFolderView], scheme_name: str, out: Path, stages: list[str],
-                  keep_float: list[str], max_samples: int = 64, seed: int = 0, log=print) -> Manifest:
+                  keep_float: list[str], max_samples: int = 64, seed: int = 0, link: bool = False,
+                  log=print) -> Manifest:
     from pipeline.core.jsonfile import load_manifest
 
     m = load_manifest(src_dir)
@@ -132,10 +138,10 @@ def write_qdq_dir(src_dir: Path, runs: list[RunFolderView], scheme_name: str, ou
             if stage in stages:
                 log(f"{stage}: calibrating and quantizing ({scheme_name}) ...")
                 specs, counts[stage] = quantize_stage(src_dir, m, stage, runs, scheme_name, keep_float, max_samples,
-                                                      seed, tmp, graph_hash, log)
+                                                      seed, tmp, graph_hash, link, log)
                 made[stage] = scheme_name
             else:
-                specs, made[stage] = copy_stage(src_dir, m, stage, tmp, graph_hash), m.precision
+                specs, made[stage] = copy_stage(src_dir, m, stage, tmp, graph_hash, link), m.precision
             for name, spec in specs.items():
                 graphs[name][stage] = spec
         for name in set(m.tokenizer_files) | {MODEL_CONFIG, GENERATION_CONFIG}:

@@ -2,7 +2,7 @@
 
     python -m pipeline.quantize --onnx_dir FP32_DIR --calibration RUN_SET --scheme w8a8|w8a16|w4a16 --out DIR
                                 [--keep_float mask,rope,norms] [--stages blocks,output] [--heldout N]
-                                [--max_samples 64] [--seed 0]
+                                [--max_samples 64] [--seed 0] [--link_weights]
 
 The last --heldout runs of the set (default: a quarter, at least one) are not calibrated on; on them the report
 gives each quantized stage's error teacher-forced against the golden run (relative L2 error, cosine) and the whole
@@ -70,14 +70,14 @@ def evaluate(fp32_dir: Path, out: Path, heldout: list[RunFolderView], stages: li
 
 def quantize(fp32_dir: Path, run_set: Path, scheme: str, out: Path, keep_float: str = DEFAULT_KEEP_FLOAT,
              stages: str = "blocks,output", heldout: int | None = None, max_samples: int = 64, seed: int = 0,
-             log=print) -> dict:
+             link: bool = False, log=print) -> dict:
     m = load_manifest(fp32_dir)
     runs = open_run_set(run_set)
     check_same_model(runs, m, fp32_dir)
     calibration, held = split_runs(runs, heldout)
     chosen = parse_stages(stages, m.stage_names())
     manifest = write_qdq_dir(fp32_dir, calibration, scheme, out, chosen, parse_keep_float(keep_float),
-                             max_samples, seed, log)
+                             max_samples, seed, link, log)
     report = {"onnx_dir": str(out), "source": str(fp32_dir), "scheme": scheme, "precision": manifest.precision,
               "keep_float": manifest.quantization.keep_float, "stages": chosen,
               "calibration_runs": [r.dir.name for r in calibration], "heldout_runs": [r.dir.name for r in held],
@@ -120,8 +120,11 @@ def main(argv=None):
     p.add_argument("--heldout", type=int, default=None, help="runs held out of calibration (default: a quarter)")
     p.add_argument("--max_samples", type=int, default=64, help="calibration samples per mode and stage (default 64)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--link_weights", action="store_true",
+                   help="hard-link weight files instead of copying them (less disk; onnx >= 1.21 then refuses to "
+                        "load the weights, onnxruntime does not mind)")
     a = p.parse_args(argv)
     report = quantize(a.onnx_dir, a.calibration, a.scheme, a.out, a.keep_float, a.stages, a.heldout, a.max_samples,
-                      a.seed, log=lambda msg: print(msg, file=sys.stderr))
+                      a.seed, a.link_weights, log=lambda msg: print(msg, file=sys.stderr))
     print_report(report)
     return 0
