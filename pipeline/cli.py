@@ -3,6 +3,7 @@
     stagepipe run [--prompt TEXT | --prompt_file F] [--steps N] ...     (= doit run_auto)
     stagepipe convert --model_path M --onnx_dir O ...                    (= python -m pipeline.convert)
     stagepipe inspect PATH | compare A B | ops ONNX_DIR | demo --out DIR
+    stagepipe replay GOLDEN_RUN --onnx_dir C | conformance --onnx_dir C | pack RUN -o PACK.tar.gz
     stagepipe stage token_embed|block|output ...                         (= python -m stages.<stage>)
 """
 from __future__ import annotations
@@ -19,6 +20,9 @@ COMMANDS = {
     "inspect": ("pipeline.tools.inspect", "look inside a run, step or kv_cache folder"),
     "compare": ("pipeline.tools.compare", "compare two runs or steps tensor by tensor"),
     "ops": ("pipeline.tools.ops", "list and check the ops of an onnx_dir's graphs"),
+    "replay": ("pipeline.tools.replay", "teacher-forced replay: the error each stage introduces vs inherits"),
+    "conformance": ("pipeline.tools.conformance", "static-shape edge cases checked against the fp32 graphs"),
+    "pack": ("pipeline.tools.pack", "a repro pack (.tar.gz) of a run for a vendor ticket"),
     "demo": ("pipeline.demo.checkpoint", "write the demo checkpoint"),
 }
 STAGES = ("token_embed", "block", "output")
@@ -28,8 +32,8 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     if not argv or argv[0] in ("-h", "--help"):
         print(__doc__.strip())
-        print("\ncommands:\n" + "\n".join(f"  {name:<9}{help_text}" for name, (_, help_text) in COMMANDS.items())
-              + "\n  stage    run one stage by hand: token_embed, block, output")
+        print("\ncommands:\n" + "\n".join(f"  {name:<12}{help_text}" for name, (_, help_text) in COMMANDS.items())
+              + "\n  stage       run one stage by hand: token_embed, block, output")
         return 0
     command, rest = argv[0], argv[1:]
     if command == "stage":

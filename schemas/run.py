@@ -22,6 +22,14 @@ class SamplingSettings(Strict):
     repetition_penalty: float = 1.0  # 1 = none; >1 makes tokens already seen (prompt + generated) less likely
 
 
+class StageRoute(Strict):
+    """Where a hybrid run's stage runs instead of the main onnx_dir/backend (--stage_onnx / --stage_backend)."""
+
+    backend: str
+    onnx_dir: str
+    onnx_fingerprint: str  # that onnx_dir's graphs_fingerprint
+
+
 class RunSettings(Strict):
     """run.json: what a run generates and how; a rerun with other settings must say so (--from_step/--clean)."""
 
@@ -31,8 +39,9 @@ class RunSettings(Strict):
     no_think: bool = False
     prompt_token_ids: list[int]
     onnx_dir: str
-    onnx_fingerprint: str
+    onnx_fingerprint: str  # a hybrid run's: over its main graphs and every routed stage's backend and graphs
     backend: str = "onnx"
+    stage_routes: dict[str, StageRoute] = {}  # hybrid runs: stage -> where it runs instead
     max_new_tokens: int = Field(ge=1)
     ignore_eos: bool = False
     full_logits: bool = False  # prefill steps keep logits for all T rows, not just the last

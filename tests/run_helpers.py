@@ -11,14 +11,14 @@ REPO = Path(__file__).resolve().parents[1]
 PROMPT = "The quick brown fox jumps over the lazy dog, and then it runs far away."  # > 1 chunk of 8 tokens
 
 
-def make_small_onnx(tmp: Path, kv_dtype="float32", max_input_len=8, max_cache_len=64) -> tuple[Path, Path]:
+def make_small_onnx(tmp: Path, kv_dtype="float32", max_input_len=8, max_cache_len=64, blocks=2) -> tuple[Path, Path]:
     from pipeline.convert.onnx_dir import convert
     from pipeline.demo.checkpoint import write_demo_checkpoint
 
     model = tmp / "model"
     write_demo_checkpoint(model, seed=0)
     onnx_dir = tmp / "onnx"
-    convert(model, onnx_dir, blocks=2, max_input_len=max_input_len, max_cache_len=max_cache_len,
+    convert(model, onnx_dir, blocks=blocks, max_input_len=max_input_len, max_cache_len=max_cache_len,
             kv_dtype=kv_dtype, log=lambda *a: None)
     return model, onnx_dir
 

@@ -95,6 +95,9 @@ INPUT_FILES = (INPUT_IDS, ATTENTION_MASK, POSITION_IDS)
 # RoPE tables (T, D) of the step's positions, for block graphs that take them as inputs (convert --rope_input)
 ROPE_COS = "cos.npy"
 ROPE_SIN = "sin.npy"
+# a block's new K/V rows: not step files (they go into the cache slots), but named like them where tools report them
+PRESENT_KEY = "present_key"
+PRESENT_VALUE = "present_value"
 _HIDDEN = re.compile(r"hidden_block(\d+)\.npy")
 
 

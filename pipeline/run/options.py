@@ -29,7 +29,10 @@ class RunOptions:
     seed: int = option(0, "sampling seed")
     chat: bool = option(False, "wrap the prompt in the chat template")
     no_think: bool = option(False, "Qwen3: empty think block")
-    backend: str = option("onnx", "onnx or reference")
+    backend: str = option("onnx", "onnx, reference, or a Backend subclass as package.module:ClassName")
+    stage_onnx: str = option("", "hybrid run: these stages from another onnx_dir of the same model "
+                                 "(block2:DIR[,output:DIR2]; doit takes a bare NAME=VALUE word as its own variable)")
+    stage_backend: str = option("", "hybrid run: these stages on another backend (block2:NAME[,...])")
     provider: str = option("cpu", "onnxruntime: cpu or cuda")
     threads: int = option(0, "onnxruntime threads (0: one per core; runs side by side share the cores)")
     ignore_eos: bool = option(False, "do not stop at end of sequence")

@@ -22,8 +22,9 @@ from pipeline.core.layout import StepPaths, read_token_file, step_name
 from pipeline.run.lock import lock_run_dir
 from pipeline.run.options import RunOptions
 from pipeline.runtime import stage_ops
-from pipeline.runtime.backends import make_backend
+from pipeline.runtime.backends import make_backend, stage_process_kwargs
 from pipeline.runtime.generate import prompt_chunks
+from pipeline.runtime.hybrid import hybrid_label, hybrid_manifest, open_backend, plan_routes, route_records
 from pipeline.runtime.kv_cache import KVCacheDir
 from pipeline.runtime.sampling import check_sampling
 from pipeline.runtime.tokenizer import Tokenizer
@@ -57,6 +58,10 @@ class Run:
         self.onnx_dir = Path(onnx_dir)
         self.dir = Path(options.run_root)
         self.manifest = m = load_manifest(onnx_dir)
+        # a hybrid run (--stage_onnx/--stage_backend) has its own graphs fingerprint: cache and steps are its own
+        self.routes = plan_routes(self.onnx_dir, m, options.backend, options.stage_onnx, options.stage_backend)
+        if self.routes:
+            self.manifest = m = hybrid_manifest(m, options.backend, self.routes)
         self.tokenizer = Tokenizer.load(onnx_dir)
         prompt = options.prompt_text()
         text = Tokenizer.chat_prompt(prompt, no_think=options.no_think) if options.chat else prompt
@@ -68,7 +73,8 @@ class Run:
             raise StagepipeError(f"--steps {options.steps}: must be at least 1")
         self.settings = RunSettings(
             prompt=prompt, chat=options.chat, no_think=options.no_think, prompt_token_ids=ids,
-            onnx_dir=str(self.onnx_dir.resolve()), onnx_fingerprint=m.graphs_fingerprint, backend=options.backend,
+            onnx_dir=str(self.onnx_dir.resolve()), onnx_fingerprint=m.graphs_fingerprint,
+            backend=hybrid_label(options.backend, self.routes), stage_routes=route_records(self.routes),
             max_new_tokens=options.steps, ignore_eos=options.ignore_eos, full_logits=options.full_logits,
             stop_token_ids=[] if options.ignore_eos else m.model.eos_token_ids,
             sampling=check_sampling(options.sampling()))
@@ -96,9 +102,11 @@ class Run:
         if self._backend is None:
             # this process runs stages only: their sessions can share one thread pool
             o = self.options
-            kwargs = {"provider": o.provider, "process_pool": True, "threads": o.threads} if o.backend == "onnx" \
-                else {}
-            self._backend = make_backend(o.backend, self.onnx_dir, self.manifest, **kwargs)
+
+            def make(name, onnx_dir, manifest):
+                return make_backend(name, onnx_dir, manifest, **stage_process_kwargs(name, o.provider, o.threads))
+
+            self._backend = open_backend(make, o.backend, self.onnx_dir, self.manifest, self.routes)
         return self._backend
 
     @property

@@ -81,16 +81,17 @@ class OnnxBackend(Backend):
         self._sessions = {}
         self._weights = SharedWeights()
 
-    def open_all(self, max_tokens: int | None = None):
+    def open_all(self, max_tokens: int | None = None, stages=None):
         """Create now the sessions a run that fills up to max_tokens cache slots uses (every graph's when None),
         so that step timings measure compute only. Block graphs of larger windows are left to first use: each
-        session costs memory (int8/int4 ones a packed copy of the weights)."""
+        session costs memory (int8/int4 ones a packed copy of the weights). stages: only these (a hybrid run
+        routes the others elsewhere)."""
         m = self.manifest
         largest = window_for(m, min(max_tokens, m.max_cache_len)) if max_tokens else m.max_cache_len
-        for graphs, stages in m.graphs.items():
+        for graphs, graph_stages in m.graphs.items():
             window = graph_set_window(graphs, m.max_cache_len)
-            for stage in stages:
-                if not (stage.startswith("block") and window > largest):
+            for stage in graph_stages:
+                if not (stage.startswith("block") and window > largest) and (stages is None or stage in stages):
                     self.session(graphs, stage)
         self._weights.prefault()
 
@@ -253,7 +254,34 @@ def onnx_providers(provider: str) -> list[str]:
 BACKENDS = {"onnx": OnnxBackend, "reference": ReferenceBackend}
 
 
+def backend_class(name: str) -> type[Backend]:
+    """A registered backend (BACKENDS), or one named by its import path, "package.module:ClassName", so a runtime
+    of your own plugs in without editing this file."""
+    if name in BACKENDS:
+        return BACKENDS[name]
+    if ":" not in name:
+        raise StagepipeError(f"--backend {name}: choose one of {', '.join(BACKENDS)}, or name a Backend subclass "
+                             "as package.module:ClassName")
+    import importlib
+
+    module, _, attr = name.partition(":")
+    try:
+        cls = getattr(importlib.import_module(module), attr)
+    except (ImportError, AttributeError) as e:
+        raise StagepipeError(f"--backend {name}: cannot import it ({e})") from None
+    if not (isinstance(cls, type) and issubclass(cls, Backend)):
+        raise StagepipeError(f"--backend {name}: is not a subclass of pipeline.runtime.backends.Backend")
+    return cls
+
+
+def stage_process_kwargs(name: str, provider: str = "cpu", threads: int = 0) -> dict:
+    """make_backend arguments for a process that runs stages only (run_auto, the workbench tools): onnxruntime
+    backends (OnnxBackend and its subclasses) share the process's thread pool (of `threads` threads, 0: one per
+    core); once it exists, onnxruntime refuses sessions with their own threads in the process."""
+    if not issubclass(backend_class(name), OnnxBackend):
+        return {}
+    return {"provider": provider, "process_pool": True, "threads": threads}
+
+
 def make_backend(name: str, onnx_dir: Path, manifest: Manifest | None = None, **kwargs) -> Backend:
-    if name not in BACKENDS:
-        raise StagepipeError(f"--backend {name}: choose one of {', '.join(BACKENDS)}")
-    return BACKENDS[name](onnx_dir, manifest, **kwargs)
+    return backend_class(name)(onnx_dir, manifest, **kwargs)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import numpy as np
 
+from pipeline.core.layout import LOGITS, PRESENT_KEY, PRESENT_VALUE, hidden_file
 from pipeline.runtime.backends import Backend
 from pipeline.runtime.kv_cache import block_shape, store_slots
 from pipeline.runtime.plan import plan_inputs, plan_step
@@ -33,19 +34,30 @@ class MemoryKVCache:
         store_slots(self.values[k], past_len, q_len, present_value)
 
 
-def forward_step(backend: Backend, cache, token_ids: list[int], past_len: int, all_rows: bool = False) -> np.ndarray:
+def forward_step(backend: Backend, cache, token_ids: list[int], past_len: int, all_rows: bool = False,
+                 trace=None, position_offset: int = 0) -> np.ndarray:
     """Run embed -> blocks -> output for one step; returns the logits row of the last real token, or with
-    all_rows=True the (q_len, V) logits of every real token (teacher forcing: perplexity, quality)."""
+    all_rows=True the (q_len, V) logits of every real token (teacher forcing: perplexity, quality).
+
+    trace(stage, name, array), when given, sees every stage output as it is made: hidden_block{k}, the blocks'
+    present_key/present_value (all T rows) and logits. position_offset shifts the positions fed to RoPE."""
     m = backend.manifest
     input_ids, mask, positions = plan_inputs(plan_step(m, past_len, len(token_ids)), token_ids, m.mask_value)
+    positions = positions + position_offset
+    trace = trace or (lambda stage, name, array: None)
     hidden = backend.embed(input_ids)
+    trace("embed", hidden_file(0), hidden)
     for k in range(len(m.blocks)):
         hidden, present_key, present_value = backend.block(k, hidden, mask, positions, *cache.past(k))
         cache.store(k, past_len, len(token_ids), present_key, present_value)
+        for name, array in ((hidden_file(k + 1), hidden), (PRESENT_KEY, present_key), (PRESENT_VALUE, present_value)):
+            trace(f"block{k}", name, array)
     if all_rows:
-        return backend.output(hidden)[0, :len(token_ids)]
-    last = hidden[:, len(token_ids) - 1:len(token_ids)]  # the head runs on the last real row only (T=1 graph)
-    return backend.output(last)[0, 0]
+        logits = backend.output(hidden)
+    else:  # the head runs on the last real row only (T=1 graph)
+        logits = backend.output(hidden[:, len(token_ids) - 1:len(token_ids)])
+    trace("output", LOGITS, logits)
+    return logits[0, :len(token_ids)] if all_rows else logits[0, 0]
 
 
 def generate(backend: Backend, prompt_ids: list[int], max_new_tokens: int,

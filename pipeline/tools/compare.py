@@ -24,13 +24,12 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.core.cli_args import ArgumentParser
-from pipeline.core.atomic import write_text
-from pipeline.core.errors import StagepipeError, cli_entry, stdout_may_close
+from pipeline.core.errors import StagepipeError, cli_entry
 from pipeline.core.layout import INPUT_FILES, LOGITS, hidden_index, step_dirs, step_number, tensor_sort_key
 from pipeline.core.layout import writer_stage as stage_of
 from pipeline.tools.run_reading import classify, load_step_meta, open_npy, run_tokenizer, step_next_token, token_text
 from pipeline.tools.drift_plot import require_matplotlib, write_plot
-from pipeline.tools.report import dump_json, fmt_num, format_table
+from pipeline.tools.report import emit_report, fmt_num, format_table
 
 EXACT_FILES = set(INPUT_FILES)  # compared for equality
 CHUNK = 1 << 21  # elements compared at a time
@@ -320,18 +319,7 @@ def main(argv=None):
     if a.plot is not None:
         require_matplotlib()  # fail before the work, not after
     report = compare(a.run_a, a.run_b, Tolerance(a.atol, a.rtol, a.min_cosine), strict=a.strict)
-    to_stdout = a.json is not None and str(a.json) == "-"
-    with stdout_may_close():
-        if to_stdout:
-            print(dump_json(report))
-        else:
-            print_report(report)
-        if a.json is not None and not to_stdout:
-            write_text(a.json, dump_json(report) + "\n")
-            print(f"report written to {a.json}")
-        if a.plot is not None:
-            write_plot(report, a.plot)
-            print(f"plot written to {a.plot}", file=sys.stderr if to_stdout else sys.stdout)
+    emit_report(report, a.json, print_report, a.plot, write_plot)
     return 0 if report["ok"] else 1
 
 

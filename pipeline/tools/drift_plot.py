@@ -1,7 +1,10 @@
-"""compare --plot: each stage's error over the steps of two runs, as a PNG (matplotlib, the optional [plot] extra)."""
+"""compare --plot: each stage's error over the steps of two runs; replay --plot: the step x stage heat map of the
+errors each stage introduced, received and produced. PNGs (matplotlib, the optional [plot] extra)."""
 from __future__ import annotations
 
 from pathlib import Path
+
+import numpy as np
 
 from pipeline.core.atomic import atomic_write_path
 from pipeline.core.errors import StagepipeError
@@ -61,5 +64,36 @@ def write_plot(r: dict, out: Path):
     ax.legend(fontsize=8)
     fig.tight_layout()
     with atomic_write_path(out) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    plt.close(fig)
+
+
+def write_heatmap(out: Path, panels: list[tuple[str, np.ndarray]], steps: list[str], stages: list[str],
+                  max_rel_err: float, title: str):
+    """One panel per (title, values[step, stage]) of relative errors, log colour scale; NaN cells (not
+    measured) blank, cells over max_rel_err marked x."""
+    require_matplotlib()
+    import matplotlib.pyplot as plt
+    from matplotlib.colors import LogNorm
+
+    finite = [v for _, m in panels for v in m[np.isfinite(m)].ravel()]
+    vmax = max([max_rel_err * 10] + finite)
+    fig, axes = plt.subplots(1, len(panels), figsize=(2.2 + 1.1 * len(stages) * len(panels),
+                                                       1.8 + 0.22 * len(steps)), squeeze=False)
+    for ax, (name, values) in zip(axes[0], panels):
+        shown = np.where(np.isnan(values), np.nan, np.maximum(values, ZERO_FLOOR))
+        image = ax.imshow(np.ma.masked_invalid(shown), aspect="auto", cmap="viridis",
+                          norm=LogNorm(vmin=ZERO_FLOOR, vmax=max(vmax, ZERO_FLOOR * 10)), interpolation="nearest")
+        over = np.argwhere(values > max_rel_err)
+        if len(over):
+            ax.scatter(over[:, 1], over[:, 0], marker="x", s=18, color="red", linewidths=1)
+        ax.set_xticks(range(len(stages)), stages, rotation=45, ha="right", fontsize=8)
+        every = max(1, len(steps) // 40)
+        ax.set_yticks(range(0, len(steps), every), steps[::every], fontsize=7)
+        ax.set_title(name, fontsize=9)
+        fig.colorbar(image, ax=ax, label=f"relative error (exact: {ZERO_FLOOR:g}; x: > {max_rel_err:g})")
+    fig.suptitle(title, fontsize=9)
+    fig.tight_layout()
+    with atomic_write_path(Path(out)) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     plt.close(fig)
