@@ -1,7 +1,7 @@
 """How far quantized graphs are from the golden fp32 run, on held-out runs:
 
-  stage errors   teacher-forced: each candidate stage on the golden inputs of every step (the golden cache as the step
-                 saw it), its output against the golden one: relative L2 error and cosine over the real rows
+  stage errors   teacher-forced (pipeline.replay): each candidate stage on the golden inputs of every step (the golden
+                 cache as the step saw it), its outputs against the golden ones: relative L2 error and cosine
   logits quality the candidate's whole pipeline on each held-out run's tokens (prompt and reply), every position's
                  logits against the fp32 graphs': cosine (mean, min) and top-1 agreement
 """
@@ -10,51 +10,32 @@ from __future__ import annotations
 import numpy as np
 
 from pipeline.core import layout
-from pipeline.core.layout import hidden_file, read_token_file
-from pipeline.core.tensors import load_tensor
-from pipeline.npu.samples import RunFolderView, StageSample, stage_samples
+from pipeline.core.layout import read_token_file
+from pipeline.npu.samples import RunFolderView
 from pipeline.runtime.backends import Backend
 from pipeline.runtime.generate import MemoryKVCache, forward_step, prompt_chunks
 
 
-def errors(candidate: np.ndarray, golden: np.ndarray) -> tuple[float, float]:
-    """(|c - g| / |g|, cosine) over the flattened tensors, in float64."""
-    c, g = candidate.astype(np.float64).ravel(), golden.astype(np.float64).ravel()
-    norm = np.linalg.norm(g) * np.linalg.norm(c)
-    return float(np.linalg.norm(c - g) / max(np.linalg.norm(g), 1e-30)), float(c @ g / norm) if norm else 1.0
-
-
-def stage_output(candidate: Backend, sample: StageSample) -> tuple[np.ndarray, np.ndarray] | None:
-    """(candidate output, golden output) over the sample's real rows; None where the run kept no golden output
-    for these rows (a prefill step's head ran on its last row only)."""
-    m, q = candidate.manifest, sample.meta.q_len
-    rows = q if sample.rows > 1 else 1
-    if sample.stage == "embed":
-        ids = load_tensor(sample.step_dir / layout.INPUT_IDS)
-        return candidate.embed(ids)[:, :rows], load_tensor(sample.step_dir / hidden_file(0))[:, :rows]
-    if sample.stage == "output":
-        golden = load_tensor(sample.step_dir / layout.LOGITS)
-        if golden.shape[1] != sample.rows:
-            return None
-        hidden = load_tensor(sample.step_dir / hidden_file(len(m.blocks)))
-        hidden = hidden[:, q - 1:q] if sample.rows < hidden.shape[1] else hidden
-        return candidate.output(hidden)[:, :rows], golden[:, :rows]
-    k = int(sample.stage[5:])
-    out = candidate.block(k, *sample.block_args(m))[0]
-    return out[:, :rows], load_tensor(sample.step_dir / hidden_file(k + 1))[:, :rows]
-
-
 def stage_errors(runs: list[RunFolderView], candidate: Backend, stages: list[str]) -> dict[str, dict]:
-    """stage -> worst and mean relative error, lowest cosine, over every step of the runs."""
-    report = {}
+    """stage -> the error it introduces, teacher-forced (pipeline.replay) over every step of the runs: the worst
+    relative error of its outputs (hidden states, new K/V, logits) and where, their mean over steps, the lowest
+    cosine."""
+    from pipeline.tools.drift import worst
+    from pipeline.tools.replay import replay
+
+    reports = [replay(run.dir, candidate, stages=",".join(stages)) for run in runs]
+    out = {}
     for stage in stages:
-        found = [stage_output(candidate, s) for s in stage_samples(runs, stage, len(candidate.manifest.blocks))]
-        pairs = [errors(c, g) for c, g in (f for f in found if f is not None)]
-        if pairs:
-            rel, cos = np.array(pairs).T
-            report[stage] = {"rel_err_max": float(rel.max()), "rel_err_mean": float(rel.mean()),
-                             "cosine_min": float(cos.min()), "steps": len(pairs)}
-    return report
+        per_step = [worst(r["stages"][stage]["introduced"]) for rep in reports for r in rep["steps"]
+                    if r["stages"][stage]["introduced"]]
+        summaries = [s for rep in reports for s in rep["stages"] if s["stage"] == stage and s["introduced"]]
+        if not per_step:
+            continue
+        top = max(summaries, key=lambda s: s["introduced"]["rel_err"])["introduced"]
+        out[stage] = {"rel_err_max": top["rel_err"], "at": f"{top['step']} {top['tensor']}",
+                      "rel_err_mean": float(np.mean([v for v, _ in per_step])),
+                      "cosine_min": min(s["introduced_cosine_min"] for s in summaries), "steps": len(per_step)}
+    return out
 
 
 def run_tokens(run: RunFolderView) -> list[int]:

@@ -96,10 +96,11 @@ def print_report(r: dict):
     if "stage_errors" not in r:
         print("no held-out run: nothing measured (--heldout 1 or more)")
         return
-    rows = [[stage, f"{e['rel_err_max']:.4g}", f"{e['rel_err_mean']:.4g}", f"{e['cosine_min']:.6f}", e["steps"]]
-            for stage, e in r["stage_errors"].items()]
-    print("\nteacher-forced on the held-out steps (each stage on the golden inputs, against the golden outputs):")
-    print(format_table(["stage", "rel err max", "rel err mean", "cosine min", "steps"], rows, right={1, 2, 3, 4}))
+    rows = [[stage, f"{e['rel_err_max']:.4g}", e["at"], f"{e['rel_err_mean']:.4g}", f"{e['cosine_min']:.6f}",
+             e["steps"]] for stage, e in r["stage_errors"].items()]
+    print("\nerror each stage introduces on the held-out steps (pipeline.replay: teacher-forced on the golden inputs):")
+    print(format_table(["stage", "rel err max", "at", "rel err mean", "cosine min", "steps"], rows,
+                       right={1, 3, 4, 5}))
     q = r["logits"]
     print(f"\nlogits vs fp32 over {q['positions']} held-out positions: cosine mean {q['cosine_mean']:.6f}, min "
           f"{q['cosine_min']:.6f}; top-1 agreement {q['top1']:.1%}")

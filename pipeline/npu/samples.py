@@ -21,7 +21,7 @@ from pipeline.core.errors import StagepipeError
 from pipeline.core.jsonfile import load_model_file
 from pipeline.core.layout import graph_set, hidden_file
 from pipeline.core.tensors import load_tensor
-from pipeline.runtime.plan import hidden_dtype, step_inputs, window_for
+from pipeline.runtime.plan import step_inputs, window_for
 from pipeline.runtime.reference import rope_cos_sin
 from schemas.manifest import GraphSpec, Manifest
 from schemas.run import RunSettings, StepMeta
@@ -106,18 +106,6 @@ class StageSample:
     def feeds(self, spec: GraphSpec, m: Manifest) -> dict[str, np.ndarray]:
         """{input name: tensor} for the graph spec (one of m's graphs for this stage)."""
         return {t.name: self._input(t.name, t.shape, np.dtype(t.dtype), m) for t in spec.inputs}
-
-    def block_args(self, m: Manifest) -> tuple:
-        """(hidden, mask, positions, past_key, past_value) for Backend.block: the mask for m's window, the whole
-        (Lk,1,KV,C,D) cache as the step saw it."""
-        from pipeline.runtime.kv_cache import block_shape
-
-        k, T = int(self.stage[5:]), self.rows
-        W = window_for(m, self.meta.next_past_len)
-        past = [self._input(name, block_shape(m, k), np.dtype(m.kv_dtype), m) for name in ("past_key", "past_value")]
-        return (self._input("hidden_states", (1, T, m.model.hidden_size), hidden_dtype(m), m),
-                self._input("attention_mask", (1, 1, T, W + T), np.dtype(np.float32), m),
-                self._tensor(layout.POSITION_IDS), *past)
 
     def _tensor(self, name: str) -> np.ndarray:
         return load_tensor(self.step_dir / name, what=name)
