@@ -90,6 +90,12 @@ class Manifest(BaseModel):
     # graphs of the smallest window that holds past_len + q_len slots, so early tokens do not pay for all C slots.
     # Graph sets: "prefill"/"decode" (every stage, window C) and "prefill_c<W>"/"decode_c<W>" (blocks, window W).
     cache_windows: list[int] = []  # [] (older manifests): [max_cache_len]
+    # "window": the block graphs of a window W take only the cache slots [0, W) as (Lk,1,KV,W,D) (convert
+    # --cache_input window); "whole": the (Lk,1,KV,C,D) cache, sliced inside
+    cache_input: Literal["whole", "window"] = "whole"
+    # the block graphs take the RoPE tables cos/sin (T, D) in place of position_ids (convert --rope_input); token_embed
+    # writes them to the step folder
+    rope_input: bool = False
     mask_value: float  # what attention_mask holds where a position is masked
     opset: int
     blocks: list[BlockSpec]

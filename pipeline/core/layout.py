@@ -147,6 +147,8 @@ class StepPaths:
     logits: Path | None = None
     next_token_file: Path | None = None
     next_token_text: Path | None = None
+    rope_cos: Path | None = None
+    rope_sin: Path | None = None
 
     def __post_init__(self):
         d = self.step_dir = Path(self.step_dir)
@@ -157,6 +159,8 @@ class StepPaths:
         self.logits = Path(self.logits or d / LOGITS)
         self.next_token_file = Path(self.next_token_file or d / NEXT_TOKEN_ID)
         self.next_token_text = Path(self.next_token_text or d / NEXT_TOKEN_TEXT)
+        self.rope_cos = Path(self.rope_cos or d / ROPE_COS)
+        self.rope_sin = Path(self.rope_sin or d / ROPE_SIN)
 
     def hidden(self, k: int) -> Path:
         return self.step_dir / hidden_file(k)

@@ -222,6 +222,7 @@ class Run:
         m, n = self.manifest, len(self.chunks)
         blocks = len(m.blocks)
         outputs = []
+        rope_files = (layout.ROPE_COS, layout.ROPE_SIN) if m.rope_input else ()
         for s in range(self.n_steps):
             d, name = self.step_dir(s), step_name(s)
             stopped = (lambda s=s: False if self.stopped_before(s) else None,)
@@ -234,11 +235,12 @@ class Run:
                            "onnx": m.graphs_fingerprint, "backend": self.options.backend}
             yield {"basename": basename, "name": f"{name}:embed", "actions": [guard(self.embed, s)],
                    "file_dep": deps, "verbosity": 2, "uptodate": [*stopped, config_changed(step_config)],
-                   "targets": [str(d / f) for f in (*layout.INPUT_FILES, layout.hidden_file(0), layout.META)]}
+                   "targets": [str(d / f) for f in (*layout.INPUT_FILES, *rope_files, layout.hidden_file(0),
+                                                     layout.META)]}
             for k in range(blocks):
                 yield {"basename": basename, "name": f"{name}:block{k}", "actions": [guard(self.block, s, k)],
                        "file_dep": [str(d / layout.hidden_file(k)), str(d / layout.ATTENTION_MASK),
-                                    str(d / layout.POSITION_IDS), *history],
+                                    str(d / layout.POSITION_IDS), *(str(d / f) for f in rope_files), *history],
                        "targets": [str(d / layout.hidden_file(k + 1))], "uptodate": [*stopped], "verbosity": 2}
             targets = [str(d / layout.LOGITS)]
             if s >= n - 1:

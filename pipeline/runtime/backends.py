@@ -15,7 +15,7 @@ import numpy as np
 from pipeline.core.errors import StagepipeError
 from pipeline.core.jsonfile import load_manifest
 from pipeline.core.layout import graph_set, graph_set_window
-from pipeline.runtime.plan import hidden_dtype, window_for
+from pipeline.runtime.plan import hidden_dtype, rope_tables, window_for
 from schemas.manifest import Manifest
 from pipeline.core.layout import MODEL_CONFIG
 
@@ -33,9 +33,10 @@ class Backend:
     def embed(self, input_ids: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
-    def block(self, k: int, hidden, attention_mask, position_ids, past_key, past_value):
+    def block(self, k: int, hidden, attention_mask, position_ids, past_key, past_value, rope=None):
         """past_key/past_value: the block's (Lk,1,KV,C,D) cache; the step attends to its slots [0, W), W =
-        attention_mask.shape[3] - T, one of manifest.windows() (see block_window).
+        attention_mask.shape[3] - T, one of manifest.windows() (see block_window). rope: the step's (cos, sin)
+        tables (T, D), given for graphs that take them (manifest.rope_input); None: from position_ids.
         -> (hidden_states_out (1,T,H), present_key, present_value (Lk,1,KV,T,D))"""
         raise NotImplementedError
 
@@ -133,14 +134,19 @@ class OnnxBackend(Backend):
     def embed(self, input_ids):
         return self._run("embed", input_ids.shape[1], {"input_ids": input_ids})[0]
 
-    def block(self, k, hidden, attention_mask, position_ids, past_key, past_value):
+    def block(self, k, hidden, attention_mask, position_ids, past_key, past_value, rope=None):
+        m = self.manifest
         graphs = self.block_graph_set(hidden.shape[1], self.block_window(hidden, attention_mask))
-        slots = next(i.shape[3] for i in self.manifest.graphs[graphs][f"block{k}"].inputs if i.name == "past_key")
-        if slots < past_key.shape[3]:  # graphs converted before whole-cache inputs take the window only
+        slots = next(i.shape[3] for i in m.graphs[graphs][f"block{k}"].inputs if i.name == "past_key")
+        if slots < past_key.shape[3]:  # window graphs that take only their slots (--cache_input window, or old)
             past_key, past_value = past_key[:, :, :, :slots], past_value[:, :, :, :slots]
         # the whole cache goes in as it is (onnxruntime reads the buffer, no copy); a window view is copied
-        feeds = {"hidden_states": hidden, "attention_mask": attention_mask, "position_ids": position_ids,
+        feeds = {"hidden_states": hidden, "attention_mask": attention_mask,
                  "past_key": np.ascontiguousarray(past_key), "past_value": np.ascontiguousarray(past_value)}
+        if m.rope_input:
+            feeds["cos"], feeds["sin"] = rope if rope is not None else rope_tables(m, position_ids)
+        else:
+            feeds["position_ids"] = position_ids
         return tuple(self.session(graphs, f"block{k}").run(None, feeds))
 
     def output(self, hidden):
@@ -167,8 +173,8 @@ class ReferenceBackend(Backend):
         self.mode_for(input_ids.shape[1])
         return self.model.embed(input_ids).astype(self.compute_dtype)
 
-    def block(self, k, hidden, attention_mask, position_ids, past_key, past_value):
-        window = self.block_window(hidden, attention_mask)
+    def block(self, k, hidden, attention_mask, position_ids, past_key, past_value, rope=None):
+        window = self.block_window(hidden, attention_mask)  # rope: computed here from position_ids
         self.block_graph_set(hidden.shape[1], window)
         b = self.manifest.blocks[k]
         return self.model.block(range(b.layer_start, b.layer_end), hidden, attention_mask, position_ids,

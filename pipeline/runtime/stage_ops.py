@@ -16,7 +16,7 @@ from pipeline.runtime.backends import Backend
 from pipeline.core.errors import StagepipeError
 from pipeline.core.layout import StepPaths, hidden_file, read_token_file, token_file_text
 from pipeline.runtime.kv_cache import store_slots
-from pipeline.runtime.plan import StepPlan, hidden_dtype, plan_inputs, plan_step
+from pipeline.runtime.plan import StepPlan, hidden_dtype, plan_inputs, plan_step, rope_tables
 from pipeline.runtime.sampling import check_sampling, sample
 from pipeline.core.tensors import digest, parse_tensor, read_file
 from pipeline.core.jsonfile import load_model_file
@@ -82,8 +82,11 @@ def token_embed(backend: Backend, paths: StepPaths, step: int, past_len: int, to
             return old
     input_ids, mask, positions = plan_inputs(plan, token_ids, m.mask_value)
     hidden = backend.embed(input_ids)
-    for path, arr in ((paths.input_ids, input_ids), (paths.attention_mask, mask), (paths.position_ids, positions),
-                      (hidden_out, hidden)):
+    written = [(paths.input_ids, input_ids), (paths.attention_mask, mask), (paths.position_ids, positions),
+               (hidden_out, hidden)]
+    if m.rope_input:  # the block graphs take the RoPE tables: they are this step's inputs too
+        written += list(zip((paths.rope_cos, paths.rope_sin), rope_tables(m, positions)))
+    for path, arr in written:
         write_npy(path, arr)
     meta = StepMeta(step=step, mode=plan.mode, past_len=past_len, q_len=len(token_ids),
                     next_past_len=plan.next_past_len, max_input_len=m.max_input_len,
@@ -109,6 +112,8 @@ def block(backend: Backend, paths: StepPaths, k: int, past_key: np.ndarray, past
     raw = {"hidden states": read_file(hidden_in, "hidden states"),  # read once: for the digest and the arrays
            "attention mask": read_file(paths.attention_mask, "attention mask"),
            "position ids": read_file(paths.position_ids, "position ids")}
+    if m.rope_input:
+        raw.update({"RoPE cos": read_file(paths.rope_cos, "RoPE cos"), "RoPE sin": read_file(paths.rope_sin, "RoPE sin")})
     inputs_digest = digest(*raw.values(), meta.history)
     rec = meta.stages.get(name)
     if rec and rec.inputs_digest == inputs_digest and hidden_out.exists():
@@ -119,7 +124,12 @@ def block(backend: Backend, paths: StepPaths, k: int, past_key: np.ndarray, past
     hidden = parse_tensor(raw["hidden states"], hidden_in, (1, T, H), hidden_dtype(m), "hidden states")
     mask = parse_tensor(raw["attention mask"], paths.attention_mask, (1, 1, T, W + T), np.float32, "attention mask")
     positions = parse_tensor(raw["position ids"], paths.position_ids, (1, T), np.int64, "position ids")
-    out, present_key, present_value = backend.block(k, hidden, mask, positions, past_key, past_value)
+    tables = {}
+    if m.rope_input:  # only then: a backend of your own need not know the argument
+        D = m.model.head_dim
+        tables["rope"] = tuple(parse_tensor(raw[f"RoPE {n}"], path, (T, D), np.float32, f"RoPE {n}")
+                               for n, path in (("cos", paths.rope_cos), ("sin", paths.rope_sin)))
+    out, present_key, present_value = backend.block(k, hidden, mask, positions, past_key, past_value, **tables)
     store_slots(past_key, meta.past_len, meta.q_len, present_key)
     store_slots(past_value, meta.past_len, meta.q_len, present_value)
     write_npy(hidden_out, out)
