@@ -164,12 +164,12 @@ def write_qdq_dir(src_dir: Path, runs: list[RunFolderView], scheme_name: str, ou
 
 
 def onnx_dir_bytes(onnx_dir: Path) -> int:
-    """Bytes on disk of an onnx_dir's graphs and weights, each file once however many links it has."""
-    seen, total = set(), 0
+    """The size of an onnx_dir's model: its graphs and weight files, a weights file of one name in both mode
+    folders (decode's is a copy or link of prefill's) counted once."""
+    total, data = 0, {}
     for path in Path(onnx_dir).rglob("*"):
-        if path.is_file() and path.suffix in (".onnx", ".data"):
-            st = path.stat()
-            if (st.st_dev, st.st_ino) not in seen:
-                seen.add((st.st_dev, st.st_ino))
-                total += st.st_size
-    return total
+        if path.suffix == ".onnx" and path.is_file():
+            total += path.stat().st_size
+        elif path.suffix == ".data" and path.is_file():
+            data[path.name] = path.stat().st_size
+    return total + sum(data.values())
