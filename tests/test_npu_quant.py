@@ -15,9 +15,12 @@ import pytest
 
 from tests.run_helpers import REPO, one_line_error, step_files
 
-PROMPTS = [{"prompt": "Tell me about NPUs.", "steps": 6, "ignore_eos": True},
-           {"prompt": "Why is the sky blue? Answer in one line.", "chat": True, "steps": 5, "temperature": 0.8,
-            "seed": 3, "ignore_eos": True}]
+# calibration runs 0 and 1 (positions up to ~20), held-out run 2 (positions up to ~40: later than any calibrated)
+PROMPTS = [{"prompt": "Tell me about NPUs.", "steps": 12, "ignore_eos": True},
+           {"prompt": "Why is the sky blue? Answer in one line.", "chat": True, "steps": 6, "temperature": 0.8,
+            "seed": 3, "ignore_eos": True},
+           {"prompt": "List three prime numbers and a fact about each one of them, please.", "steps": 24,
+            "ignore_eos": True}]
 
 
 def write_prompts(path: Path, entries=PROMPTS) -> Path:
@@ -50,13 +53,13 @@ def prompt_set(small, tmp_path_factory):
                            "--prompts", str(write_prompts(tmp / "prompts.jsonl")), "--run_root", str(root),
                            "--onnx_dir", str(onnx_dir), "-n", "2"], capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    assert "2 of 2 runs complete" in proc.stdout and "run_0001" in proc.stdout
+    assert "3 of 3 runs complete" in proc.stdout and "run_0002" in proc.stdout
     return root
 
 
 def test_run_set_runs_each_prompt_in_its_own_run_folder(prompt_set):
     tokens = set_tokens(prompt_set)
-    assert [len(t) for t in tokens] == [6, 5]
+    assert [len(t) for t in tokens] == [12, 6, 24]
     run1 = json.loads((prompt_set / "run_0001" / "run.json").read_text())
     assert run1["chat"] is True and run1["sampling"]["temperature"] == 0.8 and not run1["sampling"]["greedy"]
     assert "already complete" not in (prompt_set / "logs" / "run_0000.log").read_text()
@@ -78,7 +81,7 @@ def test_killed_set_resumes_to_the_same_results(small, prompt_set, tmp_path):
     again = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert again.returncode == 0, again.stderr
     assert set_tokens(root) == set_tokens(prompt_set)
-    for run in ("run_0000", "run_0001"):
+    for run in ("run_0000", "run_0001", "run_0002"):
         assert step_files(root / run) == step_files(prompt_set / run)
 
 
@@ -102,9 +105,9 @@ def test_run_set_on_a_local_ray_instance(small, prompt_set, tmp_path):
     root = tmp_path / "set"
     ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
-        code = run_set(RunSetOptions(prompts=str(write_prompts(tmp_path / "prompts.jsonl")), run_root=str(root),
-                                     ray="local"), RunOptions(onnx_dir=str(onnx_dir), threads=1))
+        code = run_set(RunSetOptions(prompts=str(write_prompts(tmp_path / "prompts.jsonl", PROMPTS[:2])),
+                                     run_root=str(root), ray="local"), RunOptions(onnx_dir=str(onnx_dir), threads=1))
     finally:
         ray.shutdown()
     assert code == 0
-    assert set_tokens(root) == set_tokens(prompt_set)
+    assert set_tokens(root) == set_tokens(prompt_set)[:2]

@@ -9,9 +9,10 @@ Schemes (QuantizeLinear/DequantizeLinear in the default domain):
   w8a8   int8 weights per output channel, int8 activations per tensor                     opset 17 (as converted)
   w8a16  int8 weights per output channel, int16 activations (standard only from opset 21) opset 21
   w4a16  int4 weights in blocks of 32 input features, int16 activations                  opset 21
-onnxruntime's Gemm handler blocks int4 weights along the output axis; the blocks here run along the input features
-(as group quantization does everywhere, and as MatMulNBits does), with the clip-searched scales of
-pipeline/convert/quantize.py, so QDQ w4a16 weights equal the MatMulNBits int4 ones.
+onnxruntime places the Q/DQ nodes and quantizes the activations; the Gemm weights are quantized here (vectorized:
+onnxruntime computes per-channel scales one channel at a time in Python, and blocks int4 weights of a transposed
+Gemm along the output axis). The int4 blocks run along the input features, as group quantization does everywhere,
+with the clip-searched scales of pipeline/convert/quantize.py: QDQ w4a16 weights equal the MatMulNBits int4 ones.
 """
 from __future__ import annotations
 
@@ -117,8 +118,11 @@ def calibrate(graphs: dict[str, Path], samples: dict[str, list[StageSample]], sp
     return cache
 
 
-def quantize_graph(path: Path, cache: Path, scheme: Scheme, keep_float: list[str], out: Path) -> onnx.ModelProto:
-    """quantize_static from the calibration cache: per-channel weights, keep_float groups left unquantized."""
+def quantize_graph(path: Path, cache: Path, scheme: Scheme, keep_float: list[str], out: Path,
+                   weights: dict) -> onnx.ModelProto:
+    """quantize_static from the calibration cache, keep_float groups left unquantized; then the linear layers'
+    weights quantized here per output channel (int8) or in blocks of input features (int4). weights: the stage's
+    quantized weights by name, filled on first use, so every graph of the stage gets the very same tensors."""
     from onnxruntime.quantization import QuantFormat, quantize_static
 
     weight_type, activation_type = scheme.quant_types()
@@ -126,38 +130,54 @@ def quantize_graph(path: Path, cache: Path, scheme: Scheme, keep_float: list[str
     quiet = logging.getLogger().level
     logging.getLogger().setLevel(logging.ERROR)  # quantize_static's advice on pre-processing, opsets
     try:
-        quantize_static(str(path), str(out), None, quant_format=QuantFormat.QDQ, per_channel=True,
+        # per-tensor weights here: onnxruntime computes per-channel scales one channel at a time in Python (minutes
+        # for a 151936-row head); they are replaced below. Biases stay float (their int32 scale would follow the
+        # weights' per-tensor one).
+        quantize_static(str(path), str(out), None, quant_format=QuantFormat.QDQ, per_channel=False,
                         weight_type=weight_type, activation_type=activation_type, nodes_to_exclude=excluded,
-                        calibration_cache_path=str(cache), use_external_data_format=True)
+                        calibration_cache_path=str(cache), use_external_data_format=True,
+                        extra_options={"QuantizeBias": False})
     finally:
         logging.getLogger().setLevel(quiet)
     model = onnx.load(str(out))
-    if scheme.weight_bits == 4:
-        block_int4_weights(model, {t.name: t for t in onnx.load(str(path)).graph.initializer})
+    requantize_weights(model, onnx.load(str(path)), scheme.weight_bits, weights)
     return model
 
 
-def block_int4_weights(model: onnx.ModelProto, float_weights: dict[str, onnx.TensorProto]):
-    """Per-channel int4 weights -> blocks of INT4_BLOCK input features (DequantizeLinear axis=1, block_size)."""
+def quantize_weight(w: np.ndarray, bits: int) -> tuple[np.ndarray, np.ndarray, np.ndarray, dict]:
+    """A Gemm's (out, in) weight -> (values, scales, zero points, DequantizeLinear attributes): int8 symmetric per
+    output channel, or int4 in blocks of INT4_BLOCK input features with clip-searched scales."""
     import ml_dtypes
 
+    if bits == 8:
+        amax = np.abs(w).max(axis=1)
+        scales = (np.where(amax > 0, amax, 1.0) / 127).astype(np.float32)
+        values = np.clip(np.rint(w / scales[:, None]), -127, 127).astype(np.int8)
+        return values, scales, np.zeros(scales.shape, np.int8), {"axis": 0}
+    packed, scales = quantize_rows(w, 4, INT4_BLOCK)  # unsigned, zero point 8, two per byte
+    values = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(w.shape).astype(np.int8) - 8
+    return (values.astype(ml_dtypes.int4), scales, np.zeros(scales.shape, ml_dtypes.int4),
+            {"axis": 1, "block_size": INT4_BLOCK})
+
+
+def requantize_weights(model: onnx.ModelProto, source: onnx.ModelProto, bits: int, done: dict):
+    """Each Gemm weight's DequantizeLinear (per tensor, as quantize_static left it) -> quantize_weight's."""
     inits = {t.name: t for t in model.graph.initializer}
+    floats = {t.name: t for t in source.graph.initializer}
+    gemm_weights = {n.input[1] for n in model.graph.node if n.op_type == "Gemm"}
     for node in model.graph.node:
-        if node.op_type != "DequantizeLinear" or node.input[0] not in inits:
+        if node.op_type != "DequantizeLinear" or node.output[0] not in gemm_weights or node.input[0] not in inits:
             continue
-        q = inits[node.input[0]]
-        source = float_weights.get(node.input[0].removesuffix("_quantized"))
-        if q.data_type != onnx.TensorProto.INT4 or source is None or len(q.dims) != 2:
+        name = node.input[0].removesuffix("_quantized")
+        if name not in floats:
             continue
-        w = numpy_helper.to_array(source)  # (out, in): the Gemm's transB weight
-        packed, scales = quantize_rows(w, 4, INT4_BLOCK)  # unsigned, zero point 8, two per byte
-        values = np.stack([packed & 0x0F, packed >> 4], axis=-1).reshape(w.shape).astype(np.int8) - 8
-        for name, array in ((node.input[0], values.astype(ml_dtypes.int4)), (node.input[1], scales),
-                            (node.input[2], np.zeros(scales.shape, ml_dtypes.int4))):
-            inits[name].CopyFrom(numpy_helper.from_array(array, name))
+        if name not in done:
+            done[name] = quantize_weight(numpy_helper.to_array(floats[name]), bits)
+        *arrays, attributes = done[name]
+        for input_name, array in zip(node.input, arrays):
+            inits[input_name].CopyFrom(numpy_helper.from_array(array, input_name))
         del node.attribute[:]
-        node.attribute.extend([onnx.helper.make_attribute("axis", 1),
-                               onnx.helper.make_attribute("block_size", INT4_BLOCK)])
+        node.attribute.extend(onnx.helper.make_attribute(k, v) for k, v in attributes.items())
 
 
 def work_dir() -> tempfile.TemporaryDirectory:

@@ -100,8 +100,9 @@ def quantize_stage(src_dir: Path, m: Manifest, stage: str, runs: list[RunFolderV
         ready = {name: prepared(src_dir / spec.file, scheme, work / f"{name}.onnx") for name, spec in graphs.items()}
         cache = calibrate({mode: ready[name] for mode, name in calib.items()}, samples,
                           {mode: graphs[name] for mode, name in calib.items()}, m, work)
+        weights = {}  # the stage's quantized weights, one set for all its graphs
         for name, spec in graphs.items():
-            model = quantize_graph(ready[name], cache, scheme, keep_float, work / f"{name}-qdq.onnx")
+            model = quantize_graph(ready[name], cache, scheme, keep_float, work / f"{name}-qdq.onnx", weights)
             odd = {f"{n.domain}:{n.op_type}" for n in model.graph.node if n.domain not in ("", "ai.onnx")}
             if odd:
                 raise StagepipeError(f"{stage}: quantization made non-standard ops {sorted(odd)}")
