@@ -7,7 +7,8 @@ RUN_SET is a run set (python -m pipeline.run_set) or one run folder. Samples are
 graph set of the onnx_dir (prefill, decode, decode_c128, ...), by default the onnx_dir the runs were made with;
 --onnx_dir gives other graphs of the same model, e.g. converted with --cache_input window, whose block graphs take
 only their window's cache slots (much smaller samples). Where a graph has more than --max_samples samples, or all
-of them would pass --max_mb, they are drawn at random (--seed). Formats:
+of them would pass --max_mb (each graph gets an equal share, and one sample at least), they are drawn at random
+(--seed). Formats:
 
   npz       DIR/<graph set>/sample_0000.npz, one file per sample with the graph's input names as keys
   npy-list  DIR/<graph set>/<input name>/0000.npy, and DIR/<graph set>/dataset.txt with one line per sample: its
@@ -45,7 +46,7 @@ def by_graph_set(samples: list[StageSample], m: Manifest) -> dict[str, list[Stag
 
 def bounded(groups: dict[str, list[StageSample]], m: Manifest, stage: str, max_samples: int, max_mb: float,
             seed: int) -> dict[str, list[StageSample]]:
-    """At most max_samples per graph, and max_mb in all (an equal share per graph)."""
+    """At most max_samples per graph, and max_mb in all (an equal share per graph, but one sample at least)."""
     share = max_mb * (1 << 20) / max(1, len(groups))
     out = {}
     for name, samples in groups.items():
