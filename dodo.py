@@ -2,9 +2,11 @@
 
     doit run_auto [--prompt ...]         generate through the stage pipeline (the demo model by default)
     doit run_set --prompts P.jsonl [-n 2]   one run folder per prompt, side by side (or on Ray: --ray)
+    doit chat [--run_root runs/chat]     talk to the model in the terminal (a conversation over one KV cache)
     doit convert --model_path M --onnx_dir O [...]
     doit demo_model                      write the demo checkpoint to models/demo-qwen3
     doit inspect --path runs/demo        look inside a run, step or kv_cache folder
+    doit serve [--runs runs] [--port 8000]   web pages on 127.0.0.1: browse runs, compare them, chat
     doit bench [--small]                 time run_auto against onnxruntime-genai
 
 Task creators only describe; the work happens in the actions (pipeline.run.main, the tools' main functions),
@@ -15,10 +17,12 @@ import sys
 from doit import task_params
 
 from pipeline.convert.options import ConvertOptions
-from pipeline.core.options import doit_params
+from pipeline.core.options import doit_params, to_argv
+from pipeline.run.chat import chat_params
 from pipeline.run.doit_support import QuietReporter, friendly_task_option_errors
 from pipeline.run.options import RunOptions
 from pipeline.run.run_set import PER_RUN, RunSetOptions
+from pipeline.web.options import ServeOptions
 
 DOIT_CONFIG = {"default_tasks": ["run_auto"], "verbosity": 2, "reporter": QuietReporter, "backend": "json"}
 friendly_task_option_errors()
@@ -26,17 +30,6 @@ friendly_task_option_errors()
 
 def _python_module(module: str, argv: list) -> dict:
     return {"actions": [[sys.executable, "-m", module, *map(str, argv)]], "uptodate": [False], "verbosity": 2}
-
-
-def _flags(params: dict, defaults: dict) -> list:
-    """--name value for each parameter that differs from its default (True booleans as plain flags)."""
-    argv = []
-    for name, value in params.items():
-        if value == defaults[name]:
-            continue
-        argv += [f"--{name}"] if value is True else [f"--{name}", ",".join(map(str, value))
-                                                     if isinstance(value, list) else value]
-    return argv
 
 
 @task_params(doit_params(RunOptions))
@@ -53,13 +46,18 @@ def task_run_set(**params):
     from pipeline.run.run_set import run_set_action
 
     return {"actions": [(run_set_action, [], params)], "uptodate": [False], "verbosity": 2}
+@task_params(chat_params())
+def task_chat(**params):
+    """Talk to the model in the terminal: each turn is steps over the run's KV cache (/exit, /reset, /save FILE)."""
+    from pipeline.run.chat import chat_action
+
+    return {"actions": [(chat_action, [], params)], "uptodate": [False], "verbosity": 2}
 
 
 @task_params(doit_params(ConvertOptions))
 def task_convert(**params):
     """Convert a Qwen2/Qwen3 checkpoint to split static-shape ONNX graphs (python -m pipeline.convert)."""
-    defaults = {p["name"]: p["default"] for p in doit_params(ConvertOptions)}
-    return _python_module("pipeline.convert", _flags(params, defaults))
+    return _python_module("pipeline.convert", to_argv(ConvertOptions, params))
 
 
 def task_demo_model():
@@ -73,6 +71,14 @@ def task_demo_model():
 def task_inspect(path, json):
     """Show a run's steps and summary, or a step's tensors and meta.json (python -m pipeline.inspect)."""
     return _python_module("pipeline.inspect", [path] + (["--json"] if json else []))
+
+
+@task_params(doit_params(ServeOptions))
+def task_serve(**params):
+    """Web pages on 127.0.0.1: the runs under --runs, their steps and tensors, compare views, chat (stagepipe serve)."""
+    from pipeline.web.serve import serve_action
+
+    return {"actions": [(serve_action, [], params)], "uptodate": [False], "verbosity": 2}
 
 
 @task_params([{"name": "model_path", "long": "model_path", "type": str, "default": "",

@@ -1,9 +1,11 @@
 """The `stagepipe` command: one front door to every tool, with argparse-quality errors.
 
     stagepipe run [--prompt TEXT | --prompt_file F] [--steps N] ...     (= doit run_auto)
+    stagepipe chat [--run_root runs/chat] ...                            (= doit chat)
     stagepipe convert --model_path M --onnx_dir O ...                    (= python -m pipeline.convert)
     stagepipe inspect PATH | compare A B | ops ONNX_DIR | demo --out DIR
     stagepipe replay GOLDEN_RUN --onnx_dir C | conformance --onnx_dir C | pack RUN -o PACK.tar.gz
+    stagepipe serve [--runs runs] [--port 8000]                          (= doit serve)
     stagepipe stage token_embed|block|output ...                         (= python -m stages.<stage>)
 """
 from __future__ import annotations
@@ -16,6 +18,7 @@ from pipeline.core.cli_args import did_you_mean
 # command -> (module whose main(argv) runs it, one-line help)
 COMMANDS = {
     "run": ("pipeline.run.main", "generate through the stage pipeline (resumes, continues, branches)"),
+    "chat": ("pipeline.run.chat", "talk to the model in the terminal (a conversation over one KV cache)"),
     "convert": ("pipeline.convert.__main__", "convert a checkpoint into an onnx_dir"),
     "inspect": ("pipeline.tools.inspect", "look inside a run, step or kv_cache folder"),
     "compare": ("pipeline.tools.compare", "compare two runs or steps tensor by tensor"),
@@ -24,6 +27,7 @@ COMMANDS = {
     "conformance": ("pipeline.tools.conformance", "static-shape edge cases checked against the fp32 graphs"),
     "pack": ("pipeline.tools.pack", "a repro pack (.tar.gz) of a run for a vendor ticket"),
     "demo": ("pipeline.demo.checkpoint", "write the demo checkpoint"),
+    "serve": ("pipeline.web.serve", "web pages on 127.0.0.1: browse runs, compare them, chat"),
 }
 STAGES = ("token_embed", "block", "output")
 

@@ -28,10 +28,46 @@ class ModelConfig(BaseModel):
     weights_dtype: str  # what the checkpoint says it stores: bfloat16 / float16 / float32
     bos_token_id: int | None = None
     eos_token_ids: list[int] = []
+    # M-RoPE (Qwen2.5-VL's language model): rotary frequencies split into (temporal, height, width) sections of
+    # these many frequencies each, rotated by the three rows of (3,1,T) position ids; [] = plain 1-D RoPE
+    mrope_section: list[int] = []
 
     @property
     def group_size(self) -> int:
         return self.num_attention_heads // self.num_key_value_heads
+
+
+class VisionConfig(BaseModel):
+    """A Qwen2.5-VL vision tower (config.json vision_config) and its image preprocessing."""
+
+    depth: int  # vision layers
+    hidden_size: int
+    intermediate_size: int
+    num_heads: int
+    out_hidden_size: int  # the merger's output: the language model's hidden size
+    patch_size: int
+    temporal_patch_size: int
+    spatial_merge_size: int  # merge x merge patches become one language-model token
+    in_channels: int
+    window_size: int  # window attention side, in pixels
+    fullatt_block_indexes: list[int]  # layers with full attention; the others attend within their window
+    rope_theta: float
+    rms_norm_eps: float
+    image_token_id: int  # <|image_pad|>
+    vision_start_token_id: int
+    vision_end_token_id: int
+    image_mean: list[float]
+    image_std: list[float]
+    rescale_factor: float
+
+    @property
+    def head_dim(self) -> int:
+        return self.hidden_size // self.num_heads
+
+    @property
+    def patch_values(self) -> int:
+        """Values per flattened pixel patch: channels x temporal x patch x patch (1176)."""
+        return self.in_channels * self.temporal_patch_size * self.patch_size ** 2
 
 
 class TensorSpec(BaseModel):
@@ -55,6 +91,20 @@ class BlockSpec(BaseModel):
     @property
     def num_layers(self) -> int:
         return self.layer_end - self.layer_start
+
+
+class VisionSpec(BaseModel):
+    """manifest.vision: the vision graphs of a VL model, for one fixed image size."""
+
+    config: VisionConfig
+    image_size: int  # every image is resized to image_size x image_size
+    grid: list[int]  # [t, h, w] patches: transformers' image_grid_thw
+    num_patches: int  # rows of pixel_patches (t * h * w)
+    image_tokens: int  # rows of image_embeds: <|image_pad|> tokens per image
+    window_patches: list[int]  # patches per attention window, in the window order the vision blocks use
+    blocks: list[BlockSpec]  # vision layers per vision_block graph
+    precision: Literal["fp32", "fp16"]
+    graphs: dict[str, GraphSpec]  # "vision_patch", "vision_block0".., "vision_merger"
 
 
 class SourceFile(BaseModel):
@@ -107,6 +157,7 @@ class Manifest(BaseModel):
     tokenizer_files: list[str]
     nonstandard_ops: list[str] = []  # "domain:Op" outside the default ONNX domain (int8/int4: MatMulNBits)
     quantization: QuantizationSpec | None = None  # qdq-* and mixed onnx_dirs: how they were made
+    vision: VisionSpec | None = None  # VL models: the vision tower's graphs (None for text models)
 
     def windows(self) -> list[int]:
         return self.cache_windows or [self.max_cache_len]

@@ -22,6 +22,25 @@ class SamplingSettings(Strict):
     repetition_penalty: float = 1.0  # 1 = none; >1 makes tokens already seen (prompt + generated) less likely
 
 
+class UserTurn(Strict):
+    """A later user turn of a conversation (turn 1, 2, ...; turn 0 is run.json's prompt). Once it began, the
+    turns before it are fixed: their steps are history and are never recomputed."""
+
+    text: str  # the user's message
+    # what the turn prefills: the previous reply's last token (sampled, not yet in the cache), then the tokens of
+    # the chat template's text for this turn (rendering says how that text was found)
+    token_ids: list[int]
+    # exact: the template's rendering of the whole conversation minus the text already in the cache;
+    # new_turn: the cache is no prefix of that rendering (Qwen3 drops earlier think blocks), so the template's
+    # closing of the previous reply and its rendering of this user turn
+    rendering: Literal["exact", "new_turn"]
+    first_step: int = Field(ge=1)
+    past_len: int = Field(ge=1)  # cache slots filled before its first step
+    max_new_tokens: int = Field(ge=1)
+    previous_reply: list[int]  # the previous turn's reply as it stood when this turn began
+    previous_stop: Literal["eos", "max_steps", "interrupted"]  # how that reply ended (interrupted: Ctrl-C in chat)
+
+
 class StageRoute(Strict):
     """Where a hybrid run's stage runs instead of the main onnx_dir/backend (--stage_onnx / --stage_backend)."""
 
@@ -37,16 +56,19 @@ class RunSettings(Strict):
     prompt: str
     chat: bool = False
     no_think: bool = False
+    system: str | None = None  # --system: the system turn of a --chat conversation (None: the template's default)
     prompt_token_ids: list[int]
     onnx_dir: str
     onnx_fingerprint: str  # a hybrid run's: over its main graphs and every routed stage's backend and graphs
     backend: str = "onnx"
     stage_routes: dict[str, StageRoute] = {}  # hybrid runs: stage -> where it runs instead
-    max_new_tokens: int = Field(ge=1)
+    max_new_tokens: int = Field(ge=1)  # of turn 0; later turns carry their own
     ignore_eos: bool = False
     full_logits: bool = False  # prefill steps keep logits for all T rows, not just the last
     stop_token_ids: list[int] = []
     sampling: SamplingSettings
+    turns: list[UserTurn] = []  # a conversation's later user turns, in order (doit chat, --reply, --messages)
+    image: str | None = None  # VL models: the image file (the run's vision/ step); None for text prompts
 
 
 class StageRecord(Strict):
@@ -73,6 +95,11 @@ class StepMeta(Strict):
     sample_next: bool = True  # False for a prompt chunk that another prompt chunk follows
     # md5 of the previous step's last hidden states: stands for the cache content this step attends to
     history: str = ""
+    # repetition penalty: how many token ids it saw (those in the cache after this step: the conversation so far)
+    seen_token_count: int | None = None
+    # VL models (M-RoPE): positions past the prompt are cache slot + position_delta (runtime/mrope.py); None for
+    # text models
+    position_delta: int | None = None
     stages: dict[str, StageRecord] = {}
     next_token_id: int | None = None
     # not saved: set when a stage found its work already done on the same inputs and returned without redoing it
@@ -83,7 +110,38 @@ class StepMeta(Strict):
         return self._reused
 
 
+class VisionMeta(Strict):
+    """meta.json of an image step (a run's vision/ folder): the vision stages of one image."""
+
+    schema_version: int = RUN_SCHEMA_VERSION
+    kind: Literal["vision"] = "vision"
+    image: str  # the image file
+    image_digest: str  # md5 of its bytes
+    image_size: int  # it was resized to image_size x image_size
+    grid: list[int]  # [t, h, w] patches
+    image_tokens: int  # rows of image_embeds.npy
+    onnx_fingerprint: str
+    backend: str = "onnx"
+    stages: dict[str, StageRecord] = {}  # preprocess, vision_patch, vision_block0.., vision_merger
+
+
+class TurnSummary(Strict):
+    """One message of the conversation and the steps that belong to it."""
+
+    role: Literal["user", "assistant"]
+    text: str  # user: the message; assistant: the reply's text (special tokens left out)
+    token_ids: list[int]  # user: the ids its turn prefilled; assistant: the ids generated
+    # user: its prefill steps; assistant: the steps that sampled its tokens (the first is the last prefill step)
+    first_step: int
+    last_step: int  # -1 while no step of it has finished
+    stop_reason: Literal["running", "eos", "max_steps", "cache_full", "interrupted"] | None = None  # assistant
+    time_to_first_token_s: float | None = None  # assistant: stage time of its turn's prefill steps
+    decode_tokens_per_s: float | None = None  # assistant
+
+
 class RunSummary(Strict):
+    """summary.json. In a conversation the top-level fields describe its latest turn; `turns` has every one."""
+
     schema_version: int = RUN_SCHEMA_VERSION
     prompt: str
     prompt_token_ids: list[int]
@@ -93,6 +151,7 @@ class RunSummary(Strict):
     steps: int  # step folders in the run
     time_to_first_token_s: float | None  # stage time of all prefill steps
     decode_tokens_per_s: float | None  # decode steps per second of decode stage time
+    turns: list[TurnSummary] = []  # user and assistant messages in order
 
 
 class CacheRecord(Strict):

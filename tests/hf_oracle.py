@@ -144,6 +144,8 @@ def _redraw_parameters(model: nn.Module, seed: int) -> None:
             draw(module.weight, 1.5 / math.sqrt(module.in_features))
             if module.bias is not None:
                 draw(module.bias, 0.1)
+        elif isinstance(module, nn.Conv3d):  # Qwen2.5-VL's patch embedding
+            draw(module.weight, 1.5 / math.sqrt(module.weight[0].numel()))
         elif type(module).__name__.endswith("RMSNorm"):  # input/post-attn/final norm, and q_norm/k_norm
             draw(module.weight, 0.1, mean=1.0)
     missed = [n for n, p in model.named_parameters() if id(p) not in done]

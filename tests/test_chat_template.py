@@ -82,6 +82,12 @@ def families(make_checkpoint):
     return get
 
 
+def fixed_qwen3_prompt(user: str, system: str | None = None) -> str:
+    """What --chat sent before it rendered the checkpoint's template: Qwen3's format, whatever the checkpoint."""
+    head = f"<|im_start|>system\n{system}<|im_end|>\n" if system is not None else ""
+    return f"{head}<|im_start|>user\n{user}<|im_end|>\n<|im_start|>assistant\n"
+
+
 def hf_render(hf, messages, add_generation_prompt=True, **kwargs):
     text = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=add_generation_prompt, **kwargs)
     ids = hf.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt,
@@ -119,13 +125,13 @@ def test_same_text_and_ids_as_transformers(families, tok, family, conversation):
         system = messages[0]["content"] if len(messages) == 2 else None
         assert ours.prompt(USER, system=system) == text
         # the fixed Qwen3 string --chat used to send misses Qwen1.5/2.5's default system turn
-        assert (text == Tokenizer.chat_prompt(USER, system=system)) == (family == "qwen3" or system is not None)
+        assert (text == fixed_qwen3_prompt(USER, system=system)) == (family == "qwen3" or system is not None)
 
 
 def test_issue_14_prompt_lengths(families, tok):
     """The report: --chat sent 18 ids where transformers gives 39 (Qwen2.5) and 28 (Qwen1.5)."""
     prompt = "Give me a short introduction to large language model."
-    assert len(tok.encode(Tokenizer.chat_prompt(prompt))) == 18
+    assert len(tok.encode(fixed_qwen3_prompt(prompt))) == 18
     for family, n in (("qwen2.5", 39), ("qwen1.5", 28), ("qwen3", 18)):
         ours, hf = families(family)
         ids = tok.encode(ours.prompt(prompt))
@@ -163,6 +169,44 @@ def test_qwen3_drops_earlier_reasoning_from_history(families, tok):
     text = ours.render(split, add_generation_prompt=False)
     assert text == hf_render(hf, split, add_generation_prompt=False)[0]
     assert text.endswith("<|im_start|>assistant\n<think>\n2+2=4\n</think>\n\n4.<|im_end|>\n")
+
+
+@pytest.mark.parametrize("ended", ["eos", "max_steps"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_a_new_turn_adds_what_the_whole_conversation_renders(families, tok, family, ended):
+    """Over a cache holding turn 0's prompt and reply (its stop token included when it stopped at one), a new user
+    turn adds exactly the rest of the template's rendering of the whole conversation, with the same ids."""
+    ours, hf = families(family)
+    reply = "It is 4, 你好."
+    messages = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": reply},
+                {"role": "user", "content": "And times 3?"}]
+    cached = ours.render(messages[:1]) + reply + ("<|im_end|>" if ended == "eos" else "")
+    text, rule = ours.continuation(messages, cached, "<|im_end|>" if ended == "eos" else None)
+    hf_text, hf_ids = hf_render(hf, messages)
+    assert rule == "exact" and cached + text == hf_text
+    assert text.startswith("\n<|im_start|>user" if ended == "eos" else "<|im_end|>\n<|im_start|>user")
+    assert tok.encode(cached) + tok.encode(text) == hf_ids  # the pieces meet at a special token
+
+
+@pytest.mark.parametrize("no_think", [False, True])
+def test_qwen3_new_turn_keeps_the_cache_when_the_template_rewrites_history(families, tok, no_think):
+    """Qwen3 re-renders an earlier reply without its think block (and without the empty one --no_think put
+    before it): the cache is no prefix of that rendering, so a new turn adds the template's closing of the reply
+    and its rendering of the new user turn; the cache keeps what the model saw."""
+    ours, hf = families("qwen3")
+    kwargs = {"enable_thinking": False} if no_think else {}
+    reply = "4." if no_think else "<think>\n2+2=4\n</think>\n\n4."
+    messages = [{"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": reply},
+                {"role": "user", "content": "And times 3?"}]
+    cached = ours.render(messages[:1], **kwargs) + reply + "<|im_end|>"
+    text, rule = ours.continuation(messages, cached, "<|im_end|>", **kwargs)
+    hf_text = hf_render(hf, messages, **kwargs)[0]
+    assert rule == "new_turn" and not hf_text.startswith(cached)
+    new_turn = "\n<|im_start|>user\nAnd times 3?<|im_end|>\n<|im_start|>assistant\n"
+    assert text == new_turn + ("<think>\n\n</think>\n\n" if no_think else "") and hf_text.endswith(text)
+    # a reply cut short (no stop token) gets the template's closing first
+    text, rule = ours.continuation(messages, cached[:-len("<|im_end|>")], None, **kwargs)
+    assert rule == "new_turn" and text.startswith("<|im_end|>" + new_turn)
 
 
 @pytest.mark.parametrize("family", ["qwen2.5", "qwen3"])

@@ -10,6 +10,7 @@ from pipeline.demo.checkpoint import SEED_KEY, main, tensor_shapes, write_demo_c
 from pipeline.core.errors import StagepipeError
 from pipeline.checkpoint.model_config import load_model_config
 from pipeline.checkpoint.safetensors_io import CheckpointWeights
+from pipeline.runtime.chat_template import ChatTemplate
 from pipeline.runtime.tokenizer import Tokenizer
 
 torch = pytest.importorskip("torch")
@@ -47,7 +48,7 @@ def test_loads_with_all_weights(demo_dir, hf_model):
 def test_greedy_output_varies(demo_dir, hf_model):
     model, _ = hf_model
     tok = Tokenizer.load(demo_dir)
-    ids = tok.encode(tok.chat_prompt("Tell me a story.", no_think=True))
+    ids = tok.encode(ChatTemplate.load(demo_dir).prompt("Tell me a story.", no_think=True))
     with torch.no_grad():
         out = model.generate(torch.tensor([ids]), max_new_tokens=8, do_sample=False, pad_token_id=151643)
     new = out[0, len(ids):].tolist()

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 
 from pipeline.core.errors import StagepipeError
+from pipeline.runtime.chat_template import ChatTemplate
 from pipeline.runtime.tokenizer import Tokenizer
 from pipeline.demo.tokenizer_files import (QWEN3_ADDED_TOKENS, QWEN3_CHAT_TEMPLATE, build_qwen3_tokenizer_json,
                                 write_qwen3_tokenizer)
@@ -139,32 +140,35 @@ def test_decode_shows_ids_past_the_vocabulary_and_rejects_negative_ones(tok):
         tok.decode([1, -1])
 
 
-def test_chat_prompt():
-    assert Tokenizer.chat_prompt("hi") == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
-    assert Tokenizer.chat_prompt("hi", no_think=True) == (
+def test_chat_prompt(tk_dir):
+    """The Qwen3 template written into the tokenizer folder renders what --chat used to hard-code."""
+    template = ChatTemplate.load(tk_dir)
+    assert template.prompt("hi") == "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n"
+    assert template.prompt("hi", no_think=True) == (
         "<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n<think>\n\n</think>\n\n")
-    assert Tokenizer.chat_prompt("hi", system="Be brief.") == (
+    assert template.prompt("hi", system="Be brief.") == (
         "<|im_start|>system\nBe brief.<|im_end|>\n<|im_start|>user\nhi<|im_end|>\n<|im_start|>assistant\n")
 
 
-def test_chat_prompt_encodes_specials(tok):
-    ids = tok.encode(Tokenizer.chat_prompt("hi", no_think=True))
+def test_chat_prompt_encodes_specials(tok, tk_dir):
+    ids = tok.encode(ChatTemplate.load(tk_dir).prompt("hi", no_think=True))
     assert ids[0] == 151644 and ids.count(151645) == 1 and 151667 in ids and 151668 in ids
 
 
 def test_chat_prompt_matches_transformers_template(tk_dir):
-    """Our chat_prompt renders what transformers renders from the written tokenizer_config.json's template."""
+    """The template renders what transformers renders from the written tokenizer_config.json."""
     transformers = pytest.importorskip("transformers")
     hf = transformers.AutoTokenizer.from_pretrained(str(tk_dir))
     assert hf.eos_token == "<|im_end|>" and hf.pad_token == "<|endoftext|>"
     assert hf.chat_template == QWEN3_CHAT_TEMPLATE
+    template = ChatTemplate.load(tk_dir)
     for system in (None, "You are terse."):
         for no_think in (False, True):
             messages = ([{"role": "system", "content": system}] if system else []) + [
                 {"role": "user", "content": "Write 你好 twice."}]
             kwargs = {"enable_thinking": False} if no_think else {}
             rendered = hf.apply_chat_template(messages, tokenize=False, add_generation_prompt=True, **kwargs)
-            assert rendered == Tokenizer.chat_prompt("Write 你好 twice.", no_think=no_think, system=system)
+            assert rendered == template.prompt("Write 你好 twice.", no_think=no_think, system=system)
     text = "<|im_start|>user\n你好 world<|im_end|>\n<think>\n\n</think>"
     assert hf.encode(text) == Tokenizer.load(tk_dir).encode(text)
 

@@ -1,14 +1,17 @@
-"""Parse a Qwen2/Qwen3 config.json (transformers 4.x or 5.x style) into the few numbers the graphs need."""
+"""Parse a Qwen2/Qwen3 config.json (transformers 4.x or 5.x style) into the few numbers the graphs need.
+
+A Qwen2.5-VL config's language model is a Qwen2 text model with M-RoPE (pipeline/checkpoint/vl_config.py)."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
+from pipeline.checkpoint.vl_config import VL_ARCHITECTURES, read_config, vl_text_config
 from pipeline.core.errors import StagepipeError
 from schemas.manifest import ModelConfig
 from pipeline.core.layout import GENERATION_CONFIG, MODEL_CONFIG
 
-SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM")
+SUPPORTED_ARCHITECTURES = ("Qwen3ForCausalLM", "Qwen2ForCausalLM") + VL_ARCHITECTURES
 
 
 def _rope_theta(cfg: dict, where: str) -> float:
@@ -35,17 +38,15 @@ def _as_list(value) -> list[int]:
 def load_model_config(model_dir: Path) -> ModelConfig:
     model_dir = Path(model_dir)
     where = model_dir / MODEL_CONFIG
-    try:
-        cfg = json.loads(where.read_text())
-    except FileNotFoundError:
-        raise StagepipeError(f"{where}: not found; point --model_path at a HuggingFace checkpoint folder") from None
-    except json.JSONDecodeError as e:
-        raise StagepipeError(f"{where}: invalid JSON ({e})") from None
+    cfg = read_config(model_dir)
     archs = cfg.get("architectures") or []
     arch = archs[0] if archs else None
     if arch not in SUPPORTED_ARCHITECTURES:
         raise StagepipeError(f"{where}: architecture {arch!r} is not supported; "
-                             f"stagepipe converts {' and '.join(SUPPORTED_ARCHITECTURES)}")
+                             f"stagepipe converts {', '.join(SUPPORTED_ARCHITECTURES)}")
+    mrope_section = []
+    if arch in VL_ARCHITECTURES:
+        cfg, mrope_section = vl_text_config(cfg, str(where))
     if cfg.get("use_sliding_window"):
         raise StagepipeError(f"{where}: use_sliding_window is true; sliding-window attention is not supported "
                              "(set it to false if the model was trained with full attention)")
@@ -81,6 +82,7 @@ def load_model_config(model_dir: Path) -> ModelConfig:
             weights_dtype=str(cfg.get("dtype") or cfg.get("torch_dtype") or "float32"),
             bos_token_id=gen.get("bos_token_id", cfg.get("bos_token_id")),
             eos_token_ids=eos,
+            mrope_section=mrope_section,
         )
     except KeyError as e:
         raise StagepipeError(f"{where}: required field {e} is missing") from None

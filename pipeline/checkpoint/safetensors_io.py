@@ -17,6 +17,9 @@ from pipeline.core.errors import StagepipeError
 # safetensors dtype name -> numpy dtype used to view the raw bytes (BF16 is viewed as uint16 and widened).
 _RAW_DTYPES = {"F32": np.float32, "F16": np.float16, "BF16": np.uint16, "F64": np.float64,
                "I64": np.int64, "I32": np.int32, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_}
+# Qwen2.5-VL checkpoints saved by some transformers versions nest the language model and the vision tower one
+# level down; the converter reads every tensor by its usual name (model.layers.0..., visual.blocks.0...)
+NAME_ALIASES = (("model.language_model.", "model."), ("model.visual.", "visual."))
 
 
 def bf16_bits_to_f32(bits: np.ndarray) -> np.ndarray:
@@ -82,6 +85,9 @@ class CheckpointWeights:
                     raise StagepipeError(f"{path}: tensor '{name}' lies outside the file ({size} bytes); "
                                          "the file is truncated or corrupt; re-download it")
                 self._entries[name] = (path, info, data_start)
+        for stored, usual in NAME_ALIASES:
+            for name in [n for n in self._entries if n.startswith(stored)]:
+                self._entries.setdefault(usual + name[len(stored):], self._entries[name])
 
     def names(self) -> list[str]:
         return list(self._entries)

@@ -15,7 +15,8 @@ from pipeline.core.options import add_arguments, from_values
 @cli_entry
 def main(argv=None):
     p = ArgumentParser(prog="python -m pipeline.convert",
-                                description="Convert a Qwen2/Qwen3 checkpoint into split static-shape ONNX graphs.")
+                       description="Convert a Qwen2/Qwen3 (or Qwen2.5-VL) checkpoint into split static-shape ONNX "
+                                   "graphs.")
     add_arguments(p, ConvertOptions, required=("model_path", "onnx_dir"))
     convert_with(from_values(ConvertOptions, vars(p.parse_args(argv))))
 

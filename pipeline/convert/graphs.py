@@ -4,7 +4,8 @@ Contracts (batch 1, T = tokens per step, C = cache slots, W = the graph's attent
 D head_dim, KV kv heads, V vocab):
   embed : input_ids int64 (1,T)                                     -> hidden_states (1,T,H)
   blockK: hidden_states (1,T,H), attention_mask f32 (1,1,T,W+T),
-          position_ids int64 (1,T), past_key/past_value (Lk,1,KV,C,D) -> hidden_states_out (1,T,H),
+          position_ids int64 (1,T) (VL models, M-RoPE: (3,1,T)),
+          past_key/past_value (Lk,1,KV,C,D)                             -> hidden_states_out (1,T,H),
                                                                        present_key/present_value (Lk,1,KV,T,D)
           (convert --cache_input window: past_key/past_value (Lk,1,KV,W,D); --rope_input: cos, sin f32 (T,D)
           in place of position_ids)
@@ -133,7 +134,8 @@ def build_block(config: ModelConfig, precision: Precision, shape: GraphShape, la
     hidden = g.input("hidden_states", precision.compute, (1, T, H))
     mask = g.input("attention_mask", F32, (1, 1, T, W + T))
     rope_inputs = (g.input("cos", F32, (T, D)), g.input("sin", F32, (T, D))) if shape.rope_input else None
-    positions = None if shape.rope_input else g.input("position_ids", np.int64, (1, T))
+    positions = None if shape.rope_input else \
+        g.input("position_ids", np.int64, (3, 1, T) if c.mrope_section else (1, T))
     # the whole cache comes in (the caller passes its buffer as it is, no copy) and each layer slices its
     # first W slots: for a smaller window that slice is the one copy of the cache a step makes
     past_key = g.input("past_key", precision.kv, (Lk, 1, KV, shape.cache_slots, D))
@@ -166,8 +168,11 @@ def _rope_tables(s: StageGraph, positions: str, T: int, D: int):
     """cos (T,D) and sign-folded sin (T,D) so that rope(x) = x*cos + swap_halves(x)*sin_signed."""
     g, c = s.g, s.c
     inv_freq = (1.0 / c.rope_theta ** (np.arange(0, D, 2, dtype=np.int64).astype(F32) / D)).astype(F32)
-    pos = g.op("Reshape", s.cast(positions, F32), g.const([T, 1]))
-    angles = g.op("Mul", pos, g.const(inv_freq.reshape(1, D // 2), F32))  # (T, D/2)
+    if c.mrope_section:
+        angles = _mrope_angles(s, positions, T, D, inv_freq)
+    else:
+        pos = g.op("Reshape", s.cast(positions, F32), g.const([T, 1]))
+        angles = g.op("Mul", pos, g.const(inv_freq.reshape(1, D // 2), F32))  # (T, D/2)
     cos_half, sin_half = g.op("Cos", angles), g.op("Sin", angles)
     cos = g.op("Concat", cos_half, cos_half, axis=-1)
     sin_signed = g.op("Concat", g.op("Neg", sin_half), sin_half, axis=-1)
@@ -178,6 +183,20 @@ def _rope_from_inputs(s: StageGraph, cos: str, sin: str, D: int):
     """cos as given, and sin (T,D) as transformers lays it out, its first half negated: the tables _rope takes."""
     sign = np.concatenate([-np.ones(D // 2, F32), np.ones(D // 2, F32)]).reshape(1, D)
     return cos, s.g.op("Mul", sin, s.g.const(sign, F32))
+
+
+def _mrope_angles(s: StageGraph, positions: str, T: int, D: int, inv_freq: np.ndarray) -> str:
+    """M-RoPE (Qwen2.5-VL): frequency j turns with position row r(j) of (3,1,T) ids, the rows taking mrope_section
+    consecutive frequencies each (temporal, height, width). The row is picked by a one-hot (3,1,D/2) product
+    summed over rows: exact (x*1 + 0 + 0) and free of index ops. Three equal rows give plain RoPE."""
+    g = s.g
+    onehot = np.zeros((3, 1, D // 2), dtype=F32)
+    bounds = np.cumsum([0] + list(s.c.mrope_section))
+    for row in range(3):
+        onehot[row, 0, bounds[row]:bounds[row + 1]] = 1.0
+    pos = g.op("Reshape", s.cast(positions, F32), g.const([3, T, 1]))
+    pos = g.op("ReduceSum", g.op("Mul", pos, g.const(onehot, F32)), g.const([0]), keepdims=0)  # (T, D/2)
+    return g.op("Mul", pos, g.const(inv_freq.reshape(1, D // 2), F32))
 
 
 def _rope(s: StageGraph, x: str, cos: str, sin_signed: str, D: int) -> str:

@@ -19,10 +19,11 @@ from pipeline.convert.graphs import GRAPH_FORMAT, GraphShape, Precision, build_b
 from pipeline.convert.onnx_builder import OPSET, WeightStore
 from pipeline.convert.options import PRECISIONS, ConvertOptions
 from pipeline.convert.source import WeightSource, check_checkpoint, source_files, source_fingerprint, source_stat
+from pipeline.convert.vision_dir import checked_vision_config, write_vision_graphs
 from pipeline.core.atomic import write_text
 from pipeline.core.errors import StagepipeError
-from pipeline.core.layout import (GENERATION_CONFIG, MANIFEST, MODEL_CONFIG, MODES, TOKENIZER_FILES, graph_file,
-                                  graph_set, weights_file)
+from pipeline.core.layout import (GENERATION_CONFIG, MANIFEST, MODEL_CONFIG, MODES, PREPROCESSOR_CONFIG,
+                                  TOKENIZER_FILES, graph_file, graph_set, weights_file)
 from schemas.manifest import BlockSpec, GraphSpec, Manifest, TensorSpec
 
 MASK_VALUE = -10000.0  # finite: fits float16 and keeps a fully masked softmax row finite
@@ -71,6 +72,7 @@ def convert_with(options: ConvertOptions, log=print) -> Manifest:
     ranges = o.layer_ranges(config.num_layers)
     weights = CheckpointWeights(model_path)
     check_checkpoint(config, weights)
+    vision = checked_vision_config(model_path, weights, o)
     if onnx_dir.exists() and any(onnx_dir.iterdir()) and not (onnx_dir / MANIFEST).exists():
         raise StagepipeError(f"--onnx_dir {onnx_dir} exists and is not a stagepipe onnx_dir; "
                              "choose an empty or new folder")
@@ -80,7 +82,7 @@ def convert_with(options: ConvertOptions, log=print) -> Manifest:
     tmp = onnx_dir.parent / f".{onnx_dir.name}.converting-{os.getpid()}"
     shutil.rmtree(tmp, ignore_errors=True)
     try:
-        manifest = _write_onnx_dir(config, ranges, weights, tmp, o, log)
+        manifest = _write_onnx_dir(config, ranges, weights, tmp, o, log, vision)
         replace_dir(tmp, onnx_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -98,7 +100,7 @@ def _graph_sets(max_input_len: int, max_cache_len: int, windows: list[int], cach
             for w in sorted(windows, reverse=True) for mode, T in zip(MODES, (max_input_len, 1))]
 
 
-def _write_onnx_dir(config, ranges, weights, out: Path, o: ConvertOptions, log) -> Manifest:
+def _write_onnx_dir(config, ranges, weights, out: Path, o: ConvertOptions, log, vision=None) -> Manifest:
     model_path, C = Path(o.model_path), o.max_cache_len
     for mode in MODES:
         (out / mode).mkdir(parents=True)
@@ -134,9 +136,10 @@ def _write_onnx_dir(config, ranges, weights, out: Path, o: ConvertOptions, log) 
         store.close()
         share_weights(out / weights_file(MODES[0], stage), out / weights_file(MODES[1], stage), o.copy_weights)
     graph_hash.update(store.hasher.digest())
+    vision_spec = vision and write_vision_graphs(vision, weights, out, o, MASK_VALUE, graph_hash, log)
 
     copied = []
-    for name in (MODEL_CONFIG, GENERATION_CONFIG) + TOKENIZER_FILES:
+    for name in (MODEL_CONFIG, GENERATION_CONFIG, PREPROCESSOR_CONFIG) + TOKENIZER_FILES:
         if (model_path / name).exists():
             shutil.copyfile(model_path / name, out / name)
             copied.append(name)
@@ -150,7 +153,7 @@ def _write_onnx_dir(config, ranges, weights, out: Path, o: ConvertOptions, log) 
         graphs=graphs, source_path=str(model_path.resolve()), source_files=source_stat(files),
         source_fingerprint=source_fingerprint(files), graphs_fingerprint=graph_hash.hexdigest(),
         tokenizer_files=[n for n in copied if n in TOKENIZER_FILES],
-        nonstandard_ops=sorted(nonstandard))
+        nonstandard_ops=sorted(nonstandard), vision=vision_spec)
     write_text(out / MANIFEST, manifest.model_dump_json(indent=2) + "\n")
     return manifest
 

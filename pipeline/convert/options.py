@@ -43,6 +43,8 @@ class ConvertOptions:
                               choices=["whole", "window"])
     rope_input: bool = option(False, "block graphs take the RoPE tables cos/sin (T, D) as inputs, which token_embed "
                                      "computes (step files cos.npy, sin.npy): no Cos/Sin and no int64 in the blocks")
+    image_size: int = option(448, "VL models: the image side in pixels the vision graphs take (a multiple of 28)")
+    vision_blocks: int = option(4, "VL models: number of vision_block graphs the vision layers are split into")
     copy_weights: bool = option(False, "decode/*.data as copies instead of hard links to prefill's (onnx >= 1.21 "
                                        "refuses to load weights from hard-linked files; onnxruntime is fine)")
 
@@ -61,6 +63,13 @@ class ConvertOptions:
             sizes = [base + (1 if i < extra else 0) for i in range(blocks)]
         starts = [sum(sizes[:i]) for i in range(len(sizes))]
         return [(start, start + n) for start, n in zip(starts, sizes)]
+
+    def vision_layer_ranges(self, depth: int) -> list[tuple[int, int]]:
+        """Vision layer ranges per vision_block graph, as even as possible."""
+        if not 1 <= self.vision_blocks <= depth:
+            raise StagepipeError(f"--vision_blocks {self.vision_blocks} must be between 1 and the vision tower's "
+                                 f"{depth} layers")
+        return replace(self, blocks=self.vision_blocks, layer_split=None).layer_ranges(depth)
 
     def checked(self) -> "ConvertOptions":
         """The options with kv_dtype and cache_windows resolved; one clear error for an impossible setting."""

@@ -11,7 +11,7 @@ from pipeline.checkpoint.safetensors_io import CheckpointWeights, bf16_bits_to_f
 from pipeline.convert.onnx_builder import WeightStore
 from pipeline.convert.quantize import block_size_for, quantize_rows
 from pipeline.core.errors import StagepipeError
-from pipeline.core.layout import GENERATION_CONFIG, MODEL_CONFIG
+from pipeline.core.layout import GENERATION_CONFIG, MODEL_CONFIG, PREPROCESSOR_CONFIG
 from schemas.manifest import ModelConfig, SourceFile
 
 CHUNK_BYTES = 32 << 20  # convert big tables this many bytes at a time, so memory stays flat
@@ -42,7 +42,12 @@ def expected_tensors(c: ModelConfig) -> dict[str, tuple[int, ...]]:
 
 
 def check_checkpoint(config: ModelConfig, weights: CheckpointWeights):
-    for name, shape in expected_tensors(config).items():
+    check_tensors(weights, expected_tensors(config))
+
+
+def check_tensors(weights: CheckpointWeights, expected: dict[str, tuple[int, ...]]):
+    """Every tensor present with the shape the config implies, in a float format we read."""
+    for name, shape in expected.items():
         if not weights.has(name):
             raise StagepipeError(f"{weights.model_dir}: tensor '{name}' is missing from the checkpoint; "
                                  "is it a complete Qwen2/Qwen3 causal-LM checkpoint?")
@@ -55,7 +60,8 @@ def check_checkpoint(config: ModelConfig, weights: CheckpointWeights):
 
 
 def source_files(model_dir: Path, weights: CheckpointWeights) -> list[Path]:
-    extra = [model_dir / n for n in (MODEL_CONFIG, GENERATION_CONFIG, "model.safetensors.index.json")]
+    extra = [model_dir / n for n in (MODEL_CONFIG, GENERATION_CONFIG, PREPROCESSOR_CONFIG,
+                                     "model.safetensors.index.json")]
     return [p for p in extra if p.exists()] + list(weights.files)
 
 
@@ -89,9 +95,14 @@ class WeightSource:
             part = raw[start:start + rows]
             yield bf16_bits_to_f32(part) if is_bf16 else np.asarray(part)
 
-    def __call__(self, name: str, dtype: np.dtype):
-        return self.store.add(name, self.weights.shape(name), dtype,
+    def __call__(self, name: str, dtype: np.dtype, shape: tuple[int, ...] | None = None):
+        """shape: the tensor seen with another shape of the same row-major bytes (a Conv3d kernel as a matrix)."""
+        return self.store.add(name, shape or self.weights.shape(name), dtype,
                               lambda: (c.astype(dtype, copy=False) for c in self._row_chunks(name)))
+
+    def constant(self, key: str, value: np.ndarray):
+        """A constant computed at conversion (masks, rotary tables) stored as external data like a weight."""
+        return self.store.add(key, value.shape, value.dtype, lambda: (value,))
 
     def quantized(self, name: str, bits: int):
         """-> (packed uint8 (N, K/block, block*bits/8), scales float32 (N*K/block), block)."""

@@ -4,9 +4,11 @@ folder. Every other module imports these names; none spells them.
     onnx_dir/   manifest.json, config.json, generation_config.json, tokenizer files,
                 prefill/ and decode/: <stage>.onnx (whole cache), block<K>_c<W>.onnx (attention window W),
                 <stage>.data (weights; decode's are hard links of prefill's)
-    run folder/ run.json, summary.json, .lock, .doit.db, kv_cache/, step_0000/, step_0001/, ...
+                vision/ (VL models): vision_patch, vision_block<K>, vision_merger .onnx + .data
+    run folder/ run.json, summary.json, .lock, .doit.db, kv_cache/, vision/ (image runs), step_0000/, ...
     step_NNNN/  meta.json, input_ids.npy, attention_mask.npy, position_ids.npy, hidden_block0..N.npy,
                 logits.npy, next_token_id.txt, next_token.txt (cos.npy, sin.npy: graphs with rope inputs)
+    vision/     meta.json, pixel_patches.npy, vision_hidden0..N.npy, image_embeds.npy (the image step)
     kv_cache/   cache.json, past_key_block<K>.npy, past_value_block<K>.npy
     run set/    run_set.json, set_summary.json, logs/run_NNNN.log, run_0000/, run_0001/, ... (run folders)
     calibration/ calibration.json, <graph set>/sample_NNNN.npz or <graph set>/<input>/NNNN.npy + dataset.txt
@@ -53,6 +55,23 @@ def weights_file(mode: str, stage: str) -> str:
     return f"{mode}/{stage}.data"
 
 
+VISION = "vision"  # the vision graphs' folder in an onnx_dir, and the image step's folder in a run folder
+PREPROCESSOR_CONFIG = "preprocessor_config.json"
+
+
+def vision_stage_names(blocks: int) -> list[str]:
+    """The vision stages in pipeline order: vision_patch, vision_block0..N-1, vision_merger."""
+    return ["vision_patch"] + [f"vision_block{k}" for k in range(blocks)] + ["vision_merger"]
+
+
+def vision_graph_file(stage: str) -> str:
+    return f"{VISION}/{stage}.onnx"
+
+
+def vision_weights_file(stage: str) -> str:
+    return f"{VISION}/{stage}.data"
+
+
 # -- run folder ----------------------------------------------------------------------------------------------------
 RUN_JSON = "run.json"
 SUMMARY_JSON = "summary.json"
@@ -68,7 +87,11 @@ def step_name(n: int) -> str:
 
 def step_number(name: str) -> int | None:
     """N of a folder named step_NNNN; None for any other name (step_0003.bak is not a step)."""
-    m = _STEP.fullmatch(name)
+    return _number_in(_STEP, name)
+
+
+def _number_in(pattern: re.Pattern, name: str) -> int | None:
+    m = pattern.fullmatch(name)
     return int(m.group(1)) if m else None
 
 
@@ -107,12 +130,14 @@ def hidden_file(k: int) -> str:
 
 
 def hidden_index(name: str) -> int | None:
-    m = _HIDDEN.fullmatch(name)
-    return int(m.group(1)) if m else None
+    return _number_in(_HIDDEN, name)
 
 
 def tensor_sort_key(name: str):
-    """Pipeline order: input_ids, attention_mask, position_ids, hidden_block0..N, logits, then anything else."""
+    """Pipeline order: an image step's pixel_patches, vision_hidden0..N, image_embeds; input_ids, attention_mask,
+    position_ids, hidden_block0..N, logits; then anything else."""
+    if vision_tensor_index(name) is not None:
+        return (-1, vision_tensor_index(name), "")
     if name in INPUT_FILES:
         return (0, INPUT_FILES.index(name), "")
     if hidden_index(name) is not None:
@@ -121,7 +146,12 @@ def tensor_sort_key(name: str):
 
 
 def writer_stage(name: str) -> str | None:
-    """The stage that writes a step tensor: hidden_block0 <- embed, hidden_block{k+1} <- block{k}, logits <- output."""
+    """The stage that writes a step tensor: hidden_block0 <- embed, hidden_block{k+1} <- block{k}, logits <- output;
+    in an image step pixel_patches <- preprocess, vision_hidden0 <- vision_patch, vision_hidden{k+1} <-
+    vision_block{k}, image_embeds <- vision_merger."""
+    v = vision_tensor_index(name)
+    if v is not None:
+        return {0: "preprocess", 1: "vision_patch", 10 ** 6: "vision_merger"}.get(v, f"vision_block{v - 2}")
     k = hidden_index(name)
     if k is not None:
         return "embed" if k == 0 else f"block{k - 1}"
@@ -129,7 +159,12 @@ def writer_stage(name: str) -> str | None:
 
 
 def stage_sort_key(stage: str):
-    """Pipeline order of stage names: embed, block0..N, output, then anything else."""
+    """Pipeline order of stage names: an image step's preprocess, vision_patch, vision_block0..N, vision_merger;
+    embed, block0..N, output; then anything else."""
+    vision = {"preprocess": -1, "vision_patch": 0, "vision_merger": 10 ** 6}
+    v = re.fullmatch(r"vision_block(\d+)", stage)
+    if stage in vision or v:
+        return (-1, vision.get(stage) if not v else int(v.group(1)) + 1, "")
     m = re.fullmatch(r"block(\d+)", stage)
     return (0, 0, "") if stage == "embed" else (1, int(m.group(1)), "") if m else (2, 0, "") if stage == "output" \
         else (3, 0, stage)
@@ -176,6 +211,30 @@ def read_token_file(path: Path) -> int:
 
 def token_file_text(token_id: int) -> str:
     return f"{token_id}\n"
+
+
+# -- the image step (a run's vision/ folder) ----------------------------------------------------------------------
+PIXEL_PATCHES = "pixel_patches.npy"
+IMAGE_EMBEDS = "image_embeds.npy"
+
+
+def vision_hidden_file(k: int) -> str:
+    """The vision hidden states entering vision_block k (vision_hidden0 comes from vision_patch; the last one
+    feeds vision_merger)."""
+    return f"vision_hidden{k}.npy"
+
+
+_VISION_HIDDEN = re.compile(r"vision_hidden(\d+)\.npy")
+
+
+def vision_tensor_index(name: str) -> int | None:
+    """Order of an image step's tensor: pixel_patches 0, vision_hidden{k} k+1, image_embeds last; None otherwise."""
+    if name == PIXEL_PATCHES:
+        return 0
+    if name == IMAGE_EMBEDS:
+        return 10 ** 6
+    m = _VISION_HIDDEN.fullmatch(name)
+    return int(m.group(1)) + 1 if m else None
 
 
 # -- KV cache folder -----------------------------------------------------------------------------------------------

@@ -9,6 +9,7 @@ argparse parsers and doit task parameters are both built from it, so the two fro
     add_arguments(parser, ConvertOptions)          # --max_input_len N (default: 16)
     doit_params(ConvertOptions)                    # [{"name": "max_input_len", "type": int, "default": 16, ...}]
     ConvertOptions(**values_from_parser_or_doit)
+    to_argv(ConvertOptions, values)                # back to --max_input_len 8 ... (the options not at their default)
 """
 from __future__ import annotations
 
@@ -107,3 +108,21 @@ def from_values(cls, values: dict):
             raise StagepipeError(f"--{known[name].metadata['flag'] or name} {value}: choose one of "
                                  f"{', '.join(map(str, choices))}")
     return cls(**kwargs)
+
+
+def to_argv(cls, values: dict) -> list[str]:
+    """The command-line flags that give these values: --name value for each one that differs from its default
+    (a True boolean as a plain flag, a list comma-separated); names cls does not have are an error."""
+    known = {f.name: f for f, _ in _fields(cls)}
+    argv = []
+    for name, value in values.items():
+        if name not in known:
+            raise StagepipeError(f"{name}: not an option of {cls.__name__}")
+        if value == _default_of(known[name]):
+            continue
+        flag = "--" + (known[name].metadata["flag"] or name)
+        if value is True or value is False:
+            argv += [flag] if value else []
+        else:
+            argv += [flag, ",".join(map(str, value)) if isinstance(value, list) else str(value)]
+    return argv

@@ -21,8 +21,7 @@ from pipeline.core.errors import StagepipeError
 from pipeline.core.jsonfile import load_model_file
 from pipeline.core.layout import graph_set, hidden_file
 from pipeline.core.tensors import load_tensor
-from pipeline.runtime.plan import step_inputs, window_for
-from pipeline.runtime.reference import rope_cos_sin
+from pipeline.runtime.plan import rope_tables, step_inputs, window_for
 from schemas.manifest import GraphSpec, Manifest
 from schemas.run import RunSettings, StepMeta
 
@@ -129,8 +128,8 @@ class StageSample:
             file = self.step_dir / (layout.ROPE_COS if name == "cos" else layout.ROPE_SIN)
             if file.is_file():
                 value = load_tensor(file, what=name)
-            else:
-                cos, sin = rope_cos_sin(self._tensor(layout.POSITION_IDS)[0], m.model.head_dim, m.model.rope_theta)
+            else:  # a run of graphs without RoPE inputs: the tables of its positions
+                cos, sin = rope_tables(m, self._tensor(layout.POSITION_IDS))
                 value = sin if name == "sin" else cos
         elif name in ("past_key", "past_value"):
             value = np.zeros(shape, dtype)

@@ -1,9 +1,11 @@
 """run_auto: plan a generation as doit tasks, one per (step, stage), and the actions those tasks run.
 
-Step s < n_chunks prefills prompt chunk s (max_input_len tokens each); every later step decodes the token the
-step before it sampled. Tasks exist for every step the run may need; a step after the run stopped (end of
-sequence) does nothing but remove any stale folder of that number. Stages run in this process with one
-backend, so each graph's onnxruntime session is created once per run.
+A run is a list of turns (pipeline/run/turns.py): each prefills its tokens in chunks of max_input_len, one step
+per chunk, then each later step decodes the token the step before it sampled. Tasks exist for every step the run
+may need; a step after its turn stopped (end of sequence) does nothing but remove any stale folder of that number.
+A conversation gains a turn once the last one finished (add_turn), and the task graph then runs again: the
+earlier turns' steps are up to date and are not recomputed. Stages run in this process with one backend, so each
+graph's onnxruntime session is created once per run.
 """
 from __future__ import annotations
 
@@ -19,20 +21,24 @@ from pipeline.core.atomic import write_text
 from pipeline.core.errors import StagepipeError
 from pipeline.core.jsonfile import load_manifest, load_model_file
 from pipeline.core.layout import StepPaths, read_token_file, step_name
+from pipeline.run import conversation
+from pipeline.run.image_run import ImageStep
 from pipeline.run.lock import lock_run_dir
 from pipeline.run.options import RunOptions
+from pipeline.run.summary import build_summary, turn_result
+from pipeline.run.turns import plan_turns
 from pipeline.runtime import stage_ops
 from pipeline.runtime.backends import make_backend, stage_process_kwargs
-from pipeline.runtime.generate import prompt_chunks
+from pipeline.runtime.chat_template import ChatTemplate
 from pipeline.runtime.hybrid import hybrid_label, hybrid_manifest, open_backend, plan_routes, route_records
 from pipeline.runtime.kv_cache import KVCacheDir
 from pipeline.runtime.sampling import check_sampling
 from pipeline.runtime.tokenizer import Tokenizer
-from schemas.run import RunSettings
+from schemas.run import RunSettings, SamplingSettings
 
 # run.json fields a rerun must keep unless it branches (--from_step) or starts over (--clean)
-FIXED_SETTINGS = ("prompt", "chat", "no_think", "prompt_token_ids", "onnx_fingerprint", "backend", "ignore_eos",
-                  "full_logits", "sampling")
+FIXED_SETTINGS = ("prompt", "chat", "no_think", "system", "prompt_token_ids", "onnx_fingerprint", "backend",
+                  "ignore_eos", "full_logits", "sampling", "image")
 
 
 def changed_settings(old: RunSettings, new: RunSettings) -> list[str]:
@@ -53,7 +59,10 @@ def steps_to_discard(existing: list[int], from_step: int | None, n_steps: int) -
 
 
 class Run:
-    def __init__(self, options: RunOptions, onnx_dir: Path):
+    def __init__(self, options: RunOptions, onnx_dir: Path, sampling: SamplingSettings | None = None,
+                 request: conversation.Request | None = None, backend=None):
+        """sampling: settings to use instead of the options' (a conversation's recorded ones); request: the later
+        user turns a --reply / --messages command asks for; backend: one to reuse (doit chat's /reset)."""
         self.options = options
         self.onnx_dir = Path(onnx_dir)
         self.dir = Path(options.run_root)
@@ -63,39 +72,57 @@ class Run:
         if self.routes:
             self.manifest = m = hybrid_manifest(m, options.backend, self.routes)
         self.tokenizer = Tokenizer.load(onnx_dir)
+        self.request = request or conversation.Request()
         prompt = options.prompt_text()
-        text = Tokenizer.chat_prompt(prompt, no_think=options.no_think) if options.chat else prompt
-        ids = self.tokenizer.encode(text)
+        if (options.system or options.no_think) and not options.chat:
+            raise StagepipeError("--system and --no_think go with --chat (the checkpoint's chat template)")
+        system = options.system or None
+        self.image = ImageStep(self.dir, m, Path(options.image), self.onnx_dir) if options.image else None
+        if self.image:  # a VL model's image step comes first (pipeline/run/image_run.py)
+            self.template = self.image.chat_template(options, self.onnx_dir)
+            ids = self.image.prompt_ids(self.tokenizer, prompt, options.chat, self.onnx_dir, system)
+        else:
+            self.template = ChatTemplate.load(onnx_dir) if options.chat else None
+            text = self.template.prompt(prompt, system=system, no_think=options.no_think) if options.chat else prompt
+            ids = self.tokenizer.encode(text)
         if len(ids) >= m.max_cache_len:
             raise StagepipeError(f"the prompt has {len(ids)} tokens; the {m.max_cache_len}-slot KV cache needs room "
                                  "for at least one more: shorten it or convert with a larger --max_cache_len")
         if options.steps < 1:
             raise StagepipeError(f"--steps {options.steps}: must be at least 1")
         self.settings = RunSettings(
-            prompt=prompt, chat=options.chat, no_think=options.no_think, prompt_token_ids=ids,
+            prompt=prompt, chat=options.chat, no_think=options.no_think, system=system, prompt_token_ids=ids,
             onnx_dir=str(self.onnx_dir.resolve()), onnx_fingerprint=m.graphs_fingerprint,
             backend=hybrid_label(options.backend, self.routes), stage_routes=route_records(self.routes),
             max_new_tokens=options.steps, ignore_eos=options.ignore_eos, full_logits=options.full_logits,
             stop_token_ids=[] if options.ignore_eos else m.model.eos_token_ids,
-            sampling=check_sampling(options.sampling()))
-        self.chunks = prompt_chunks(ids, m.max_input_len)
-        # the first new token comes from the last prompt step; each decode step then feeds one token in
-        decode_steps = min(options.steps - 1, m.max_cache_len - len(ids))
-        self.n_steps = len(self.chunks) + decode_steps
-        self._backend = None
+            sampling=check_sampling(sampling or options.sampling_settings(self.onnx_dir)), image=options.image or None)
+        self.pending: list[str] = []  # user turns still to add (set by prepare)
+        self.show_stop_tokens = True  # stream them like any token (doit chat leaves them out)
+        self.report = print_summary_line
+        self.stop_requested = False  # doit chat's Ctrl-C: the remaining steps of the graph do nothing
+        self._backend = backend
         self._kv = None
-        self._stopped: dict[int, bool] = {}
-        self.new_steps = 0  # steps whose output this process computed (resumed work is not streamed again)
         self.progress = Progress()
+        self._replan()
         self.backend  # a backend that cannot run here (--provider cuda without CUDA) fails before anything is written
 
+    def _replan(self):
+        self.plan = plan_turns(self.settings, self.manifest.max_input_len, self.manifest.max_cache_len)
+        self._stopped: dict[int, bool] = {}
+        self._fed: dict[int, list[int]] = {}  # step -> the token ids it fed (its meta.json input_token_ids)
+        self.new_steps = 0  # steps whose output this graph computed (resumed work is not streamed again)
+
     # -- helpers -------------------------------------------------------------------------------------------------
+    @property
+    def n_steps(self) -> int:
+        return self.plan.n_steps
+
     def step_dir(self, s: int) -> Path:
         return self.dir / step_name(s)
 
     def past_len(self, s: int) -> int:
-        n = len(self.chunks)
-        return s * self.manifest.max_input_len if s < n else len(self.settings.prompt_token_ids) + (s - n)
+        return self.plan.turn_of(s).past_len_at(s)
 
     @property
     def backend(self):
@@ -116,16 +143,25 @@ class Run:
         return self._kv
 
     def stopped_before(self, s: int) -> bool:
-        """True when an earlier step ended the run (end-of-sequence token), so step s must not run.
+        """True when an earlier step of its turn ended it (end-of-sequence token), so step s must not run.
 
         Memoized per step: a step's answer is asked only after every earlier step finished in this process."""
-        if not self.settings.stop_token_ids or s < len(self.chunks):
+        if not self.settings.stop_token_ids or self.plan.turn_of(s).chunk(s) is not None:
             return False
         if s not in self._stopped:
             token_file = self.step_dir(s - 1) / layout.NEXT_TOKEN_ID
             ended = token_file.exists() and read_token_file(token_file) in self.settings.stop_token_ids
             self._stopped[s] = ended or self.stopped_before(s - 1)
         return self._stopped[s]
+
+    def context_ids(self, s: int) -> list[int]:
+        """The token ids in the cache before step s: those fed to steps 0..s-1 (a repetition penalty sees them)."""
+        ids = []
+        for i in range(s):
+            if i not in self._fed:
+                self._fed[i] = stage_ops.load_meta(self.step_dir(i) / layout.META).input_token_ids
+            ids += self._fed[i]
+        return ids
 
     # -- before the tasks ----------------------------------------------------------------------------------------
     def prepare(self):
@@ -141,7 +177,8 @@ class Run:
                     shutil.rmtree(child) if child.is_dir() else child.unlink()
         from_step = 0 if o.reset_kv else (None if o.from_step < 0 else o.from_step)
         if run_json.exists():
-            changed = changed_settings(load_model_file(run_json, RunSettings), self.settings)
+            old = load_model_file(run_json, RunSettings)
+            changed = changed_settings(old, self.settings)
             if changed and from_step is None:
                 raise StagepipeError(f"{run_json}: this run was made with other {', '.join(changed)}; use "
                                      "--from_step K to regenerate from step K, --clean to start over, or another "
@@ -149,89 +186,161 @@ class Run:
             if "onnx_fingerprint" in changed and not o.reset_kv and (self.dir / layout.KV_DIR).exists():
                 raise StagepipeError(f"{self.dir}: the onnx_dir changed since this run began; add --reset_kv to "
                                      "recompute the run with the new graphs")
+            self._keep_turns(old, from_step)
+        self.pending = self.request.pending([t.text for t in self.settings.turns])
         existing = {layout.step_number(d.name): d for d in layout.step_dirs(self.dir)}
         for s in steps_to_discard(sorted(existing), from_step, self.n_steps):
             shutil.rmtree(existing[s])
         if o.reset_kv:
             KVCacheDir(self.dir / layout.KV_DIR, self.manifest).open(create=True, reset=True)
+        self._check_history()
         write_text(run_json, self.settings.model_dump_json(indent=2) + "\n")
         self.kv  # create or check the cache now, before any step runs
+        self._open_sessions()
+
+    def _keep_turns(self, old: RunSettings, from_step: int | None):
+        """Carry the recorded later turns over (those that begin before --from_step). --steps sets the limit of
+        the turn that is generated now: the last one, or the new ones when the command adds turns."""
+        turns = [t for t in old.turns if from_step is None or t.first_step < from_step]
+        adding = bool(self.request.pending([t.text for t in turns]))
+        if turns or adding:
+            self.settings.max_new_tokens = old.max_new_tokens
+        if turns and not adding:
+            turns[-1] = turns[-1].model_copy(update={"max_new_tokens": self.options.steps})
+        self.settings.turns = turns
+        self._replan()
+
+    def _check_history(self):
+        """The turns before the last are history: their replies must still be those the next turns followed."""
+        for turn, after in zip(self.plan.turns, self.settings.turns):
+            got, want = turn_result(self, turn).generated, after.previous_reply
+            bad = next((i for i, (g, w) in enumerate(zip(got, want)) if g != w), None)
+            if bad is not None:
+                s = turn.first_sampling_step + bad
+                raise StagepipeError(f"{self.step_dir(s)}: turn {turn.index}'s reply changed after the next turn "
+                                     f"began (token {want[bad]} -> {got[bad]}); regenerate with --from_step {s}")
+
+    def _open_sessions(self):
         if hasattr(self.backend, "open_all"):
             # sessions up front: step timings (TTFT, tokens/s) measure compute only
-            self.backend.open_all(max_tokens=len(self.settings.prompt_token_ids) + self.n_steps - len(self.chunks))
+            self.backend.open_all(max_tokens=self.plan.max_tokens())
+
+    # -- conversation ----------------------------------------------------------------------------------------------
+    def last_turn_done(self) -> bool:
+        return turn_result(self, self.plan.last).stop_reason != "running"
+
+    def add_turn(self, text: str, interrupted: bool = False):
+        """Append a user turn after the last one, whose reply is done (interrupted=True: or was cut short)."""
+        if self.template is None:
+            raise StagepipeError("a conversation needs --chat (the checkpoint's chat template)")
+        last = self.plan.last
+        r = turn_result(self, last)
+        stop = r.stop_reason if r.stop_reason != "running" else "interrupted"
+        if stop == "interrupted" and not interrupted:
+            raise StagepipeError(f"turn {last.index} has not finished; run the command again to finish it")
+        if not r.generated:
+            raise StagepipeError(f"turn {last.index} has no reply yet")
+        turn = conversation.next_turn(self, text, last, r.generated, stop)
+        for d in layout.step_dirs(self.dir):  # an interrupted reply's unfinished step
+            if layout.step_number(d.name) >= turn.first_step:
+                shutil.rmtree(d)
+        self.settings.turns.append(turn)
+        write_text(self.dir / layout.RUN_JSON, self.settings.model_dump_json(indent=2) + "\n")
+        self._replan()
+        self._open_sessions()
+
+    def drop_last_turn(self):
+        """Forget the last later turn and its steps (doit chat: a reply stopped before its first token)."""
+        first = self.settings.turns.pop().first_step
+        for d in layout.step_dirs(self.dir):
+            if layout.step_number(d.name) >= first:
+                shutil.rmtree(d)
+        write_text(self.dir / layout.RUN_JSON, self.settings.model_dump_json(indent=2) + "\n")
+        self._replan()
 
     # -- actions -------------------------------------------------------------------------------------------------
+    def vision(self):
+        self.image.run(self.backend)
+
     def embed(self, s: int):
+        if self.stop_requested:
+            return
         if self.stopped_before(s):
             shutil.rmtree(self.step_dir(s), ignore_errors=True)
             return
-        n = len(self.chunks)
+        turn = self.plan.turn_of(s)
         # a next_token_id.txt edited by hand is the token: its step's next_token.txt and meta.json follow it
-        tokens = self.chunks[s] if s < n else [
+        tokens = turn.chunk(s) or [
             stage_ops.adopt_token_edit(StepPaths(self.step_dir(s - 1)), self.tokenizer.token_text)]
-        stage_ops.token_embed(self.backend, StepPaths(self.step_dir(s)), s, self.past_len(s), tokens,
-                              self.settings.sampling, sample_next=s >= n - 1,
-                              prev_step_dir=self.step_dir(s - 1) if s else None)
+        self._fed[s] = tokens
+        # the first turn's prompt steps take the image's rows and positions; every later step continues its delta
+        mrope = self.image.mrope(list(turn.token_ids)) if self.image and turn.index == 0 and turn.chunk(s) else None
+        stage_ops.token_embed(self.backend, StepPaths(self.step_dir(s)), s, turn.past_len_at(s), tokens,
+                              self.settings.sampling, sample_next=s >= turn.first_sampling_step,
+                              prev_step_dir=self.step_dir(s - 1) if s else None, mrope=mrope)
 
     def block(self, s: int, k: int):
-        if self.stopped_before(s):
+        if self.stop_requested or self.stopped_before(s):
             return
         stage_ops.block(self.backend, StepPaths(self.step_dir(s)), k, *self.kv.past(k))
 
     def output(self, s: int):
-        if self.stopped_before(s):
+        if self.stop_requested or self.stopped_before(s):
             return
+        context = self.context_ids(s) if self.settings.sampling.repetition_penalty != 1.0 else None
         meta = stage_ops.output(self.backend, StepPaths(self.step_dir(s)), None, None, self.tokenizer.token_text,
-                                self.options.full_logits)
+                                self.options.full_logits, context)
         if meta.reused:
             return
         self.new_steps += 1
+        turn = self.plan.turn_of(s)
         if meta.next_token_id is None:  # a prompt chunk that another chunk follows
-            self.progress.prefill(s + 1, len(self.chunks))
+            self.progress.prefill(s - turn.first_step + 1, turn.n_chunks)
         else:
             self.progress.token(s, self.n_steps)
-            print(self.tokenizer.decode([meta.next_token_id]), end="", flush=True)
+            if self.show_stop_tokens or meta.next_token_id not in self.settings.stop_token_ids:
+                print(self.tokenizer.decode([meta.next_token_id]), end="", flush=True)
 
     def summarize(self):
-        from pipeline.run.summary import build_summary
-
         self.kv.flush()
         summary = build_summary(self)
         write_text(self.dir / layout.SUMMARY_JSON, summary.model_dump_json(indent=2) + "\n")
-        tokens = f"{summary.steps} steps, {len(summary.generated_token_ids)} new tokens, stop: {summary.stop_reason}"
-        if not self.new_steps:
-            print(f"[{self.dir}: already complete: {tokens}; its text is in {layout.SUMMARY_JSON}]", flush=True)
-            return summary
-        rate = f"{summary.decode_tokens_per_s:.1f} tokens/s decode" if summary.decode_tokens_per_s else "no decode"
-        ttft = f"{summary.time_to_first_token_s:.3f}s" if summary.time_to_first_token_s is not None else "-"
-        print(f"\n[{self.dir}: {tokens}, first token {ttft}, {rate}]", flush=True)
+        self.report(self, summary)
         return summary
 
     def announce(self):
-        """Before the steps run: the prompt as the model sees it and a separator, or where a resumed run goes on."""
-        done = completed_steps(self)
-        if done == 0:
-            print(f"{prompt_preview(self.tokenizer.decode(self.settings.prompt_token_ids))}\n"
-                  f"--- reply ({len(self.settings.prompt_token_ids)} prompt tokens) ---", flush=True)
+        """Before the steps run: the last turn's prompt as the model sees it and a separator, or where a resumed
+        run goes on."""
+        done, turn = completed_steps(self), self.plan.last
+        if done <= turn.first_step:
+            new = turn.token_ids[1:] if turn.index else turn.token_ids  # a later turn's first id ended the reply
+            what = f"turn {turn.index}, {len(new)} new tokens" if turn.index else f"{len(new)} prompt tokens"
+            print(f"{prompt_preview(self.tokenizer.decode(new))}\n--- reply ({what}) ---", flush=True)
         elif done < self.n_steps:
             print(f"[{self.dir}: resumed at {step_name(done)}]", file=sys.stderr, flush=True)
 
     # -- doit tasks ----------------------------------------------------------------------------------------------
     def tasks(self, guard, basename: str = "run_auto"):
         """doit task dicts: embed/block{k}/output per step, then summary. guard(fn, *args) makes an action."""
-        m, n = self.manifest, len(self.chunks)
+        m = self.manifest
         blocks = len(m.blocks)
         outputs = []
+        if self.image:
+            yield self.image.task(guard(self.vision), basename, self.options.backend)
         rope_files = (layout.ROPE_COS, layout.ROPE_SIN) if m.rope_input else ()
         for s in range(self.n_steps):
             d, name = self.step_dir(s), step_name(s)
+            turn = self.plan.turn_of(s)
+            chunk = turn.chunk(s)
             stopped = (lambda s=s: False if self.stopped_before(s) else None,)
             # the previous step's last hidden states stand for the cache content (stage_ops.history_of)
             history = [str(stage_ops.final_hidden(self.step_dir(s - 1), m))] if s else []
             deps = list(history)
-            if s >= n:
+            if chunk is None:
                 deps.append(str(self.step_dir(s - 1) / layout.NEXT_TOKEN_ID))
-            step_config = {"tokens": self.chunks[s] if s < n else "previous", "past_len": self.past_len(s),
+            elif self.image and turn.index == 0:
+                deps.append(self.image.embeds_file)
+            step_config = {"tokens": chunk if chunk is not None else "previous", "past_len": turn.past_len_at(s),
                            "onnx": m.graphs_fingerprint, "backend": self.options.backend}
             yield {"basename": basename, "name": f"{name}:embed", "actions": [guard(self.embed, s)],
                    "file_dep": deps, "verbosity": 2, "uptodate": [*stopped, config_changed(step_config)],
@@ -243,7 +352,7 @@ class Run:
                                     str(d / layout.POSITION_IDS), *(str(d / f) for f in rope_files), *history],
                        "targets": [str(d / layout.hidden_file(k + 1))], "uptodate": [*stopped], "verbosity": 2}
             targets = [str(d / layout.LOGITS)]
-            if s >= n - 1:
+            if s >= turn.first_sampling_step:
                 targets += [str(d / layout.NEXT_TOKEN_ID), str(d / layout.NEXT_TOKEN_TEXT)]
             yield {"basename": basename, "name": f"{name}:output", "actions": [guard(self.output, s)],
                    "file_dep": [str(d / layout.hidden_file(blocks)), *history], "targets": targets,
@@ -251,6 +360,17 @@ class Run:
             outputs.append(f"{basename}:{name}:output")
         yield {"basename": basename, "name": "summary", "actions": [guard(self.summarize)], "task_dep": outputs,
                "uptodate": [False], "verbosity": 2}
+
+
+def print_summary_line(run: Run, summary):
+    turn = f"turn {len(run.plan.turns) - 1}: " if len(run.plan.turns) > 1 else ""
+    tokens = f"{summary.steps} steps, {len(summary.generated_token_ids)} new tokens, stop: {summary.stop_reason}"
+    if not run.new_steps:
+        print(f"[{run.dir}: {turn}already complete: {tokens}; its text is in {layout.SUMMARY_JSON}]", flush=True)
+        return
+    rate = f"{summary.decode_tokens_per_s:.1f} tokens/s decode" if summary.decode_tokens_per_s else "no decode"
+    ttft = f"{summary.time_to_first_token_s:.3f}s" if summary.time_to_first_token_s is not None else "-"
+    print(f"\n[{run.dir}: {turn}{tokens}, first token {ttft}, {rate}]", flush=True)
 
 
 def completed_steps(run: Run) -> int:

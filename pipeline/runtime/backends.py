@@ -14,9 +14,9 @@ import numpy as np
 
 from pipeline.core.errors import StagepipeError
 from pipeline.core.jsonfile import load_manifest
-from pipeline.core.layout import graph_set, graph_set_window
+from pipeline.core.layout import VISION, graph_set, graph_set_window
 from pipeline.runtime.plan import hidden_dtype, rope_tables, window_for
-from schemas.manifest import Manifest
+from schemas.manifest import GraphSpec, Manifest
 from pipeline.core.layout import MODEL_CONFIG
 
 
@@ -42,6 +42,23 @@ class Backend:
 
     def output(self, hidden: np.ndarray) -> np.ndarray:
         raise NotImplementedError
+
+    def vision(self, stage: str, x: np.ndarray) -> np.ndarray:
+        """VL models: one vision stage (pipeline/convert/vision_graphs.py): "vision_patch" (N,P) pixel patches
+        -> (N,C); "vision_block{K}" (N,C) -> (N,C); "vision_merger" (N,C) -> image embeds (M,E)."""
+        raise NotImplementedError
+
+    def close(self, graphs: str, stage: str):
+        """Free what running a graph holds (sessions, mapped weights); the next use opens it again."""
+
+    def graph_spec(self, graphs: str, stage: str) -> GraphSpec:
+        """A graph of the manifest: graphs is a graph set ("prefill", "decode_c128", ...) or "vision"."""
+        m = self.manifest
+        if graphs == VISION:
+            if m.vision is None or stage not in m.vision.graphs:
+                raise StagepipeError(f"{self.onnx_dir}: no vision graph {stage!r}; convert a Qwen2.5-VL checkpoint")
+            return m.vision.graphs[stage]
+        return m.graphs[graphs][stage]
 
     def mode_for(self, T: int) -> str:
         m = self.manifest
@@ -117,7 +134,7 @@ class OnnxBackend(Backend):
             on_process_pool = self.process_pool and cpu and use_process_thread_pool(opts, self.threads)
             if self.threads and not on_process_pool:
                 opts.intra_op_num_threads = self.threads
-            path = self.onnx_dir / self.manifest.graphs[mode][stage].file
+            path = self.onnx_dir / self.graph_spec(mode, stage).file
             try:
                 if share:
                     for name, value in self._weights.initializers(path):
@@ -152,6 +169,15 @@ class OnnxBackend(Backend):
     def output(self, hidden):
         return self._run("output", hidden.shape[1], {"hidden_states": hidden})[0]
 
+    def vision(self, stage, x):
+        return self.session(VISION, stage).run(None, {self.graph_spec(VISION, stage).inputs[0].name: x})[0]
+
+    def close(self, graphs: str, stage: str):
+        """Drop a graph's session and unmap the weights no other session reads (the image step closes each vision
+        stage after its one run: the 3B tower's 2.7 GB are never all mapped at once, nor kept for generation)."""
+        if self._sessions.pop((graphs, stage), None) is not None:
+            self._weights.release(self.onnx_dir / self.graph_spec(graphs, stage).file)
+
 
 class ReferenceBackend(Backend):
     """The numpy reference, reading the checkpoint the onnx_dir was converted from."""
@@ -183,6 +209,15 @@ class ReferenceBackend(Backend):
     def output(self, hidden):
         return self.model.output(hidden)
 
+    def vision(self, stage, x):
+        from pipeline.runtime.vision import VisionReference
+
+        self.graph_spec(VISION, stage)  # one of these graphs' vision stages
+        spec = self.manifest.vision
+        if getattr(self, "_vision", None) is None:
+            self._vision = VisionReference(self.model.model_dir, spec.image_size, self.model.weights)
+        return self._vision.run_stage(stage, x, spec.blocks)
+
 
 class SharedWeights:
     """External-data initializers as read-only memory maps, one per (file, offset) however many graphs use it.
@@ -190,7 +225,8 @@ class SharedWeights:
 
     def __init__(self):
         self._arrays: dict[tuple, np.ndarray] = {}
-        self._values = []  # OrtValues must outlive the sessions that use them
+        self._values: dict[Path, list] = {}  # per graph: OrtValues must outlive the sessions that use them
+        self._keys: dict[Path, set] = {}  # per graph: the arrays its session reads
 
     def prefault(self):
         """Map every weight page into this process now. Touching one byte per page takes ~0.15 s for 2.3 GB;
@@ -216,8 +252,16 @@ class SharedWeights:
                 dtype = onnx.helper.tensor_dtype_to_np_dtype(t.data_type)
                 self._arrays[key] = np.memmap(data_file, dtype=dtype, mode="r", offset=key[2], shape=tuple(t.dims))
             value = ort.OrtValue.ortvalue_from_numpy(self._arrays[key])
-            self._values.append(value)
+            self._values.setdefault(graph_path, []).append(value)
+            self._keys.setdefault(graph_path, set()).add(key)
             yield t.name, value
+
+    def release(self, graph_path: Path):
+        """Unmap the weights only this graph's (closed) session read."""
+        self._values.pop(graph_path, None)
+        mine = self._keys.pop(graph_path, set())
+        for key in mine - set().union(*self._keys.values()):
+            self._arrays.pop(key, None)
 
 
 _pool_threads: int | None = None  # the size the process-wide onnxruntime thread pool was made with

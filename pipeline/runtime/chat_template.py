@@ -26,6 +26,7 @@ TEMPLATE_FILE = CHAT_TEMPLATE
 # transformers' SPECIAL_TOKENS_ATTRIBUTES: the named special tokens a template can read
 SPECIAL_TOKEN_NAMES = ("bos_token", "eos_token", "unk_token", "sep_token", "pad_token", "cls_token", "mask_token")
 _REASONING_KEYS = ("reasoning_content", "thinking", "reasoning")
+_STAND_IN = "\x00stagepipe stand-in reply\x00"  # an assistant turn's content no real text contains
 
 
 def chat_messages(prompt: str, system: str | None = None) -> list[dict]:
@@ -154,15 +155,40 @@ class ChatTemplate:
             raise StagepipeError(f"{self.origin}: the chat template failed to render these messages "
                                  f"({type(e).__name__}: {e})") from None
 
-    def prompt(self, user_text: str, system: str | None = None, no_think: bool = False) -> str:
-        """What --chat sends: [--system turn,] the user turn, the assistant turn opened.
+    def switches(self, no_think: bool = False) -> dict:
+        """Template keywords for --no_think (Qwen3's enable_thinking=False); a template without it is refused."""
+        if not no_think:
+            return {}
+        if "enable_thinking" not in self.variables:
+            raise StagepipeError(f"--no_think: the chat template in {self.origin} has no enable_thinking switch "
+                                 "(Qwen3's has); run without --no_think")
+        return {"enable_thinking": False}
 
-        no_think renders Qwen3's enable_thinking=False; a template without that switch is refused.
+    def prompt(self, user_text: str, system: str | None = None, no_think: bool = False) -> str:
+        """What --chat sends: [--system turn,] the user turn, the assistant turn opened."""
+        return self.render(chat_messages(user_text, system), add_generation_prompt=True, **self.switches(no_think))
+
+    def continuation(self, messages, cached_text: str, stop_text: str | None = None, **kwargs) -> tuple[str, str]:
+        """The text a new user turn adds to a conversation whose cache holds cached_text -> (text, rule).
+
+        messages: the whole conversation, the new user turn last, the replies as the model wrote them (stop token
+        left out); stop_text: the text of the stop token the last reply ended with (None: it did not stop at one).
+        Rule "exact": the rendering of the whole conversation starts with cached_text; the text is the rest.
+        Rule "new_turn" otherwise (Qwen3 re-renders earlier replies without their think blocks, and without the
+        empty one --no_think put before them): the cache is kept as it is, and the text is what the template
+        writes after a reply (its closing, less a stop token the model already wrote) up to the new assistant
+        turn, taken from a rendering with a stand-in exchange before the new user turn.
         """
-        kwargs = {}
-        if no_think:
-            if "enable_thinking" not in self.variables:
-                raise StagepipeError(f"--no_think: the chat template in {self.origin} has no enable_thinking switch "
-                                     "(Qwen3's has); run without --no_think")
-            kwargs["enable_thinking"] = False
-        return self.render(chat_messages(user_text, system), add_generation_prompt=True, **kwargs)
+        full = self.render(messages, add_generation_prompt=True, **kwargs)
+        if full.startswith(cached_text):
+            return full[len(cached_text):], "exact"
+        system = [messages[0]] if messages[0].get("role") == "system" else []
+        stand_in = system + [{"role": "user", "content": "?"}, {"role": "assistant", "content": _STAND_IN}]
+        rendered = self.render(stand_in + [messages[-1]], add_generation_prompt=True, **kwargs)
+        if rendered.count(_STAND_IN) != 1:
+            raise StagepipeError(f"{self.origin}: the chat template changes a reply's text, so a turn cannot be "
+                                 "added over the cache; replay the conversation in a new run (--messages)")
+        text = rendered[rendered.index(_STAND_IN) + len(_STAND_IN):]
+        if stop_text and text.startswith(stop_text):
+            text = text[len(stop_text):]
+        return text, "new_turn"

@@ -9,6 +9,7 @@ import numpy as np
 from pipeline.core.layout import LOGITS, PRESENT_KEY, PRESENT_VALUE, hidden_file
 from pipeline.runtime.backends import Backend
 from pipeline.runtime.kv_cache import block_shape, store_slots
+from pipeline.runtime.mrope import MropeStep
 from pipeline.runtime.plan import plan_inputs, plan_step
 from pipeline.runtime.sampling import SamplingSettings, sample
 
@@ -35,17 +36,21 @@ class MemoryKVCache:
 
 
 def forward_step(backend: Backend, cache, token_ids: list[int], past_len: int, all_rows: bool = False,
-                 trace=None, position_offset: int = 0) -> np.ndarray:
+                 trace=None, position_offset: int = 0, mrope: MropeStep | None = None) -> np.ndarray:
     """Run embed -> blocks -> output for one step; returns the logits row of the last real token, or with
     all_rows=True the (q_len, V) logits of every real token (teacher forcing: perplexity, quality).
 
     trace(stage, name, array), when given, sees every stage output as it is made: hidden_block{k}, the blocks'
-    present_key/present_value (all T rows) and logits. position_offset shifts the positions fed to RoPE."""
+    present_key/present_value (all T rows) and logits. position_offset shifts the positions fed to RoPE.
+    mrope: a VL model's positions and image rows (pipeline/runtime/mrope.py)."""
     m = backend.manifest
-    input_ids, mask, positions = plan_inputs(plan_step(m, past_len, len(token_ids)), token_ids, m.mask_value)
-    positions = positions + position_offset
+    plan = plan_step(m, past_len, len(token_ids))
+    input_ids, mask, positions = plan_inputs(plan, token_ids, m.mask_value)
     trace = trace or (lambda stage, name, array: None)
     hidden = backend.embed(input_ids)
+    if mrope is not None:
+        positions, hidden = mrope.apply(plan, token_ids, hidden)
+    positions = positions + position_offset
     trace("embed", hidden_file(0), hidden)
     for k in range(len(m.blocks)):
         hidden, present_key, present_value = backend.block(k, hidden, mask, positions, *cache.past(k))
@@ -61,12 +66,16 @@ def forward_step(backend: Backend, cache, token_ids: list[int], past_len: int, a
 
 
 def generate(backend: Backend, prompt_ids: list[int], max_new_tokens: int,
-             settings: SamplingSettings = SamplingSettings(), stop_ids: set[int] = frozenset()) -> list[int]:
+             settings: SamplingSettings = SamplingSettings(), stop_ids: set[int] = frozenset(),
+             mrope: MropeStep | None = None) -> list[int]:
+    """mrope: a VL prompt with an image (MropeStep.for_prompt); a VL model's text prompt needs none."""
     m = backend.manifest
+    if m.model.mrope_section and mrope is None:
+        mrope = MropeStep()
     cache = MemoryKVCache(m)
     past_len, step, new = 0, 0, []
     for chunk in prompt_chunks(prompt_ids, m.max_input_len):
-        logits = forward_step(backend, cache, chunk, past_len)
+        logits = forward_step(backend, cache, chunk, past_len, mrope=mrope)
         past_len += len(chunk)
         step += 1
     while True:
@@ -74,6 +83,6 @@ def generate(backend: Backend, prompt_ids: list[int], max_new_tokens: int,
         new.append(token)
         if len(new) >= max_new_tokens or token in stop_ids or past_len + 1 > m.max_cache_len:
             return new
-        logits = forward_step(backend, cache, [token], past_len)
+        logits = forward_step(backend, cache, [token], past_len, mrope=mrope and MropeStep(mrope.delta))
         past_len += 1
         step += 1

@@ -151,3 +151,9 @@ class HybridBackend(Backend):
     def output(self, hidden):
         b = self.backend_for("output")
         return b.output(hidden.astype(hidden_dtype(b.manifest), copy=False)).astype(np.float32, copy=False)
+
+    def vision(self, stage, x):  # a VL model's vision stages run on the main backend
+        return self.main.vision(stage, x)
+
+    def close(self, graphs, stage):
+        self.backend_for(stage).close(graphs, stage)

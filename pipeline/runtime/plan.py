@@ -56,6 +56,11 @@ def window_for(manifest, slots: int) -> int:
     return fitting[0]
 
 
+def position_ids_shape(manifest, T: int) -> tuple[int, ...]:
+    """(1,T), or (3,1,T) for a VL model's M-RoPE (pipeline/runtime/mrope.py)."""
+    return (3, 1, T) if manifest.model.mrope_section else (1, T)
+
+
 def hidden_dtype(manifest) -> np.dtype:
     """dtype of the hidden states passed between stages."""
     return np.dtype(np.float16 if manifest.precision == "fp16" else np.float32)
@@ -85,8 +90,12 @@ def plan_inputs(plan: StepPlan, token_ids, mask_value: float):
 
 
 def rope_tables(manifest, position_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """cos, sin (T, D) float32 of a step's positions (1, T), as transformers computes them: what block graphs
-    converted with --rope_input take in place of position_ids (token_embed writes them as cos.npy, sin.npy)."""
-    from pipeline.runtime.reference import rope_cos_sin
+    """cos, sin (T, D) float32 of a step's positions (1, T) (M-RoPE: (3, 1, T)), as transformers computes them:
+    what block graphs converted with --rope_input take in place of position_ids (token_embed writes them as cos.npy,
+    sin.npy)."""
+    from pipeline.runtime.reference import mrope_cos_sin, rope_cos_sin
 
-    return rope_cos_sin(position_ids[0], manifest.model.head_dim, manifest.model.rope_theta)
+    c = manifest.model
+    if c.mrope_section:
+        return mrope_cos_sin(position_ids[:, 0], c.head_dim, c.rope_theta, c.mrope_section)
+    return rope_cos_sin(position_ids[0], c.head_dim, c.rope_theta)

@@ -31,6 +31,17 @@ def rope_cos_sin(position_ids: np.ndarray, head_dim: int, theta: float) -> tuple
     return np.cos(emb), np.sin(emb)
 
 
+def mrope_cos_sin(position_ids: np.ndarray, head_dim: int, theta: float, section: list[int]):
+    """M-RoPE cos/sin (T, D) for (3, T) positions: frequency j takes its angle from row r(j), the rows owning
+    section[0], section[1], section[2] consecutive frequencies (transformers' Qwen2_5_VLRotaryEmbedding)."""
+    inv_freq = (1.0 / theta ** (np.arange(0, head_dim, 2, dtype=np.int64).astype(np.float32) / head_dim)).astype(np.float32)
+    angles = position_ids.astype(np.float32)[:, :, None] * inv_freq  # (3, T, D/2)
+    row = np.repeat(np.arange(3), section)
+    picked = angles[row, :, np.arange(head_dim // 2)].T  # (T, D/2)
+    emb = np.concatenate([picked, picked], axis=-1)
+    return np.cos(emb), np.sin(emb)
+
+
 def apply_rope(x: np.ndarray, cos: np.ndarray, sin: np.ndarray) -> np.ndarray:
     """x (..., T, D): rotate pairs (i, i+D/2)."""
     half = x.shape[-1] // 2
@@ -78,7 +89,11 @@ class ReferenceModel:
         c = self.config
         x = hidden.astype(np.float32)[0]  # (T, H)
         mask = attention_mask.astype(np.float32)[0, 0]  # (T, C+T)
-        cos, sin = rope_cos_sin(np.asarray(position_ids)[0], c.head_dim, c.rope_theta)
+        positions = np.asarray(position_ids)
+        if positions.ndim == 3:  # VL: (3,1,T) M-RoPE positions
+            cos, sin = mrope_cos_sin(positions[:, 0], c.head_dim, c.rope_theta, c.mrope_section)
+        else:
+            cos, sin = rope_cos_sin(positions[0], c.head_dim, c.rope_theta)
         present_k, present_v = [], []
         for i, layer in enumerate(layers):
             x, k, v = self._layer(layer, x, mask, cos, sin,

@@ -24,6 +24,18 @@ def check_sampling(settings: SamplingSettings) -> SamplingSettings:
     return settings
 
 
+def with_overrides(base: SamplingSettings, greedy: bool = False, **given) -> SamplingSettings:
+    """base with the settings a user gave (None: not given): giving temperature, top_k or top_p turns sampling on,
+    greedy=True turns it off (keeping the repetition penalty)."""
+    given = {k: v for k, v in given.items() if v is not None}
+    settings = base.model_copy(update=given)
+    if given.keys() & {"temperature", "top_k", "top_p"}:
+        settings.greedy = False
+    if greedy:
+        settings.greedy = True
+    return settings
+
+
 def apply_repetition_penalty(logits: np.ndarray, seen_ids, penalty: float) -> np.ndarray:
     """A copy of one row of logits in which every distinct token id in seen_ids (prompt and generated so far) is
     penalized as transformers' RepetitionPenaltyLogitsProcessor does: logit / penalty if >= 0, else logit * penalty."""

@@ -14,9 +14,11 @@ import numpy as np
 from pipeline.core.atomic import rewrite_text, write_npy, write_text
 from pipeline.runtime.backends import Backend
 from pipeline.core.errors import StagepipeError
-from pipeline.core.layout import StepPaths, hidden_file, read_token_file, token_file_text
+from pipeline.core.layout import (META, StepPaths, hidden_file, read_token_file, step_name, step_number,
+                                   token_file_text)
 from pipeline.runtime.kv_cache import store_slots
-from pipeline.runtime.plan import StepPlan, hidden_dtype, plan_inputs, plan_step, rope_tables
+from pipeline.runtime.mrope import MropeStep
+from pipeline.runtime.plan import StepPlan, hidden_dtype, plan_inputs, plan_step, position_ids_shape, rope_tables
 from pipeline.runtime.sampling import check_sampling, sample
 from pipeline.core.tensors import digest, parse_tensor, read_file
 from pipeline.core.jsonfile import load_model_file
@@ -63,7 +65,9 @@ def adopt_token_edit(paths: StepPaths, token_text) -> int:
 
 def token_embed(backend: Backend, paths: StepPaths, step: int, past_len: int, token_ids: list[int],
                 sampling: SamplingSettings, sample_next: bool = True, hidden_out: Path | None = None,
-                prev_step_dir: Path | None = None) -> StepMeta:
+                prev_step_dir: Path | None = None, mrope: MropeStep | None = None) -> StepMeta:
+    """mrope: a VL model's prompt step with an image (MropeStep.for_prompt); other VL steps continue the
+    previous step's position_delta."""
     started = time.perf_counter()
     m = backend.manifest
     vocab = m.model.vocab_size
@@ -73,7 +77,10 @@ def token_embed(backend: Backend, paths: StepPaths, step: int, past_len: int, to
     plan = plan_step(m, past_len, len(token_ids))
     hidden_out = Path(hidden_out or paths.hidden(0))
     history = history_of(prev_step_dir, m) if past_len > 0 else ""
-    inputs_digest = digest(m.graphs_fingerprint, backend.name, step, past_len, token_ids, history)
+    if m.model.mrope_section and mrope is None:
+        mrope = MropeStep(delta_of(prev_step_dir) if past_len > 0 else 0)
+    inputs_digest = digest(m.graphs_fingerprint, backend.name, step, past_len, token_ids, history,
+                           *([mrope.digest(plan)] if mrope else []))
     if paths.meta.exists() and hidden_out.exists():
         old = load_meta(paths.meta)
         rec = old.stages.get("embed")
@@ -82,6 +89,8 @@ def token_embed(backend: Backend, paths: StepPaths, step: int, past_len: int, to
             return old
     input_ids, mask, positions = plan_inputs(plan, token_ids, m.mask_value)
     hidden = backend.embed(input_ids)
+    if mrope is not None:  # the embed graph is the text model's; image rows and 3-D positions are set here
+        positions, hidden = mrope.apply(plan, token_ids, hidden)
     written = [(paths.input_ids, input_ids), (paths.attention_mask, mask), (paths.position_ids, positions),
                (hidden_out, hidden)]
     if m.rope_input:  # the block graphs take the RoPE tables: they are this step's inputs too
@@ -92,10 +101,23 @@ def token_embed(backend: Backend, paths: StepPaths, step: int, past_len: int, to
                     next_past_len=plan.next_past_len, max_input_len=m.max_input_len,
                     max_cache_len=m.max_cache_len, attention_window=plan.W, input_token_ids=list(token_ids),
                     onnx_fingerprint=m.graphs_fingerprint, backend=backend.name, sampling=check_sampling(sampling),
-                    sample_next=sample_next, history=history)
+                    sample_next=sample_next, history=history, position_delta=mrope.delta if mrope else None)
     meta.stages["embed"] = StageRecord(seconds=time.perf_counter() - started, inputs_digest=inputs_digest)
     save_meta(paths.meta, meta)
     return meta
+
+
+def delta_of(prev_step_dir: Path | None) -> int:
+    """The M-RoPE position delta a VL step continues from: the previous step's (0 without one)."""
+    if prev_step_dir is None:
+        return 0
+    path = Path(prev_step_dir) / META
+    if not path.exists():
+        raise StagepipeError(f"{path}: the previous step has no meta.json; run its token_embed first")
+    delta = load_meta(path).position_delta
+    if delta is None:
+        raise StagepipeError(f"{path}: no position_delta: the previous step was not made by a VL model's graphs")
+    return delta
 
 
 def block(backend: Backend, paths: StepPaths, k: int, past_key: np.ndarray, past_value: np.ndarray,
@@ -113,7 +135,8 @@ def block(backend: Backend, paths: StepPaths, k: int, past_key: np.ndarray, past
            "attention mask": read_file(paths.attention_mask, "attention mask"),
            "position ids": read_file(paths.position_ids, "position ids")}
     if m.rope_input:
-        raw.update({"RoPE cos": read_file(paths.rope_cos, "RoPE cos"), "RoPE sin": read_file(paths.rope_sin, "RoPE sin")})
+        raw.update({f"RoPE {n}": read_file(path, f"RoPE {n}") for n, path in (("cos", paths.rope_cos),
+                                                                             ("sin", paths.rope_sin))})
     inputs_digest = digest(*raw.values(), meta.history)
     rec = meta.stages.get(name)
     if rec and rec.inputs_digest == inputs_digest and hidden_out.exists():
@@ -123,7 +146,8 @@ def block(backend: Backend, paths: StepPaths, k: int, past_key: np.ndarray, past
     T, W = plan.T, plan.W
     hidden = parse_tensor(raw["hidden states"], hidden_in, (1, T, H), hidden_dtype(m), "hidden states")
     mask = parse_tensor(raw["attention mask"], paths.attention_mask, (1, 1, T, W + T), np.float32, "attention mask")
-    positions = parse_tensor(raw["position ids"], paths.position_ids, (1, T), np.int64, "position ids")
+    positions = parse_tensor(raw["position ids"], paths.position_ids, position_ids_shape(m, T), np.int64,
+                             "position ids")
     tables = {}
     if m.rope_input:  # only then: a backend of your own need not know the argument
         D = m.model.head_dim
@@ -139,11 +163,13 @@ def block(backend: Backend, paths: StepPaths, k: int, past_key: np.ndarray, past
 
 
 def output(backend: Backend, paths: StepPaths, sampling: SamplingSettings | None = None,
-           hidden_in: Path | None = None, token_text=None, full_logits: bool = False) -> StepMeta:
+           hidden_in: Path | None = None, token_text=None, full_logits: bool = False,
+           context_ids=None) -> StepMeta:
     """Final norm + lm_head; samples the next token from the last real row (unless a prompt chunk follows).
 
     A prefill step computes logits for its last real row only (through the T=1 graph), as generation needs;
-    full_logits=True runs the prefill graph on all T rows, for comparing every position."""
+    full_logits=True runs the prefill graph on all T rows, for comparing every position. context_ids: the token
+    ids in the cache before this step, which a repetition penalty needs (with the step's own: the ids so far)."""
     started = time.perf_counter()
     m = backend.manifest
     meta = load_meta(paths.meta)
@@ -152,7 +178,9 @@ def output(backend: Backend, paths: StepPaths, sampling: SamplingSettings | None
         meta.sampling = check_sampling(sampling)
     hidden_in = Path(hidden_in or paths.hidden(len(m.blocks)))
     raw = read_file(hidden_in, "hidden states")
-    inputs_digest = digest(raw, meta.sampling.model_dump_json(), meta.sample_next, full_logits, meta.history)
+    seen = penalized_ids(meta, context_ids, paths.meta)
+    inputs_digest = digest(raw, meta.sampling.model_dump_json(), meta.sample_next, full_logits, meta.history,
+                           *([seen] if seen is not None else []))
     rec = meta.stages.get("output")
     done = paths.logits.exists() and (not meta.sample_next or paths.next_token_file.exists())
     if rec and rec.inputs_digest == inputs_digest and done:
@@ -165,13 +193,46 @@ def output(backend: Backend, paths: StepPaths, sampling: SamplingSettings | None
     write_npy(paths.logits, logits)
     meta.next_token_id = None
     if meta.sample_next:
-        token = sample(logits[0, -1 if last_row else meta.q_len - 1], meta.sampling, meta.step)
+        token = sample(logits[0, -1 if last_row else meta.q_len - 1], meta.sampling, meta.step, seen)
+        meta.seen_token_count = None if seen is None else len(seen)
         write_text(paths.next_token_file, token_file_text(token))
         write_text(paths.next_token_text, token_text(token) if token_text else f"<{token}>")
         meta.next_token_id = token
     meta.stages["output"] = StageRecord(seconds=time.perf_counter() - started, inputs_digest=inputs_digest)
     save_meta(paths.meta, meta, last=True)
     return meta
+
+
+def penalized_ids(meta: StepMeta, context_ids, where: Path) -> list[int] | None:
+    """The ids a repetition penalty sees when this step samples (None without a penalty): the cache's."""
+    if meta.sampling.repetition_penalty == 1.0 or not meta.sample_next:
+        return None
+    if context_ids is None or len(context_ids) != meta.past_len:
+        got = "none" if context_ids is None else len(context_ids)
+        raise StagepipeError(f"{where}: repetition_penalty needs the {meta.past_len} token ids in the cache before "
+                             f"this step, got {got}")
+    return [*context_ids, *meta.input_token_ids]
+
+
+def context_from_siblings(step_dir: Path, past_len: int) -> list[int]:
+    """The token ids in the cache before a step, as a run folder holds them: the input_token_ids of the sibling
+    step folders step_0000 .. step_{N-1}."""
+    step_dir = Path(step_dir)
+    n = step_number(step_dir.name)
+    if n is None and past_len:
+        raise StagepipeError(f"{step_dir}: not named step_NNNN, so its earlier steps are unknown; give --context_ids "
+                             "FILE (the token ids in the cache before this step)")
+    ids = []
+    for i in range(n or 0):
+        meta_path = step_dir.parent / step_name(i) / META
+        if not meta_path.is_file():
+            raise StagepipeError(f"{meta_path}: missing; the repetition penalty needs every earlier step's token ids "
+                                 "(or give --context_ids FILE)")
+        ids += load_meta(meta_path).input_token_ids
+    if len(ids) != past_len:
+        raise StagepipeError(f"{step_dir.parent}: steps before {step_dir.name} hold {len(ids)} token ids, but the "
+                             f"step's past_len is {past_len}; give --context_ids FILE")
+    return ids
 
 
 def meta_plan(meta: StepMeta, m, where: Path) -> StepPlan:

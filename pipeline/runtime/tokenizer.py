@@ -7,7 +7,6 @@ from pathlib import Path
 from pipeline.core.errors import StagepipeError
 from pipeline.core.layout import TOKENIZER_JSON
 
-IM_START = "<|im_start|>"
 IM_END = "<|im_end|>"
 EMPTY_THINK_BLOCK = "<think>\n\n</think>\n\n"  # what Qwen3's template adds when enable_thinking=False
 
@@ -38,7 +37,7 @@ def load_optional_tokenizer(path_or_dir) -> "Tokenizer | None":
 
 
 class Tokenizer:
-    """Thin wrapper over a `tokenizers.Tokenizer` with Qwen chat-prompt formatting."""
+    """Thin wrapper over a `tokenizers.Tokenizer` (chat prompts: runtime/chat_template.py)."""
 
     def __init__(self, tokenizer, source: str = "<memory>"):
         self._tk = tokenizer
@@ -107,17 +106,3 @@ class Tokenizer:
         except KeyError:  # not a byte-level vocabulary: show the piece as stored
             return piece
         return raw.decode("utf-8", errors="backslashreplace")
-
-    @staticmethod
-    def chat_prompt(user_text: str, no_think: bool = False, system: str | None = None) -> str:
-        """The text Qwen3's chat template renders for one user turn, with the assistant turn opened.
-
-        no_think adds Qwen3's empty think block (what enable_thinking=False renders).
-        """
-        parts = []
-        if system is not None:
-            parts.append(f"{IM_START}system\n{system}{IM_END}\n")
-        parts.append(f"{IM_START}user\n{user_text}{IM_END}\n{IM_START}assistant\n")
-        if no_think:
-            parts.append(EMPTY_THINK_BLOCK)
-        return "".join(parts)

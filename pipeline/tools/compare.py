@@ -1,7 +1,7 @@
 """Compare two runs (or two step folders) tensor by tensor and name the first one that drifts.
 
     python -m pipeline.compare RUN_A RUN_B [--atol 1e-3] [--rtol 1e-3] [--min_cosine 0.999]
-                               [--json OUT.json | --json -] [--plot OUT.png] [--strict]
+                               [--json OUT.json | --json -] [--plot OUT.png] [--html OUT.html] [--strict]
 
 For every step folder the two runs share, every .npy file present in both is compared, in pipeline order
 (input_ids, attention_mask, position_ids, hidden_block0..N, logits): max abs error, MSE and cosine similarity.
@@ -10,6 +10,9 @@ are excluded); input_ids/attention_mask/position_ids must be equal. A tensor exc
 not np.allclose(a, b, atol, rtol) (B is the reference: |a - b| <= atol + rtol * |b|), or its cosine is below
 --min_cosine, or its shapes differ (except prefill logits kept for all T rows against the last real row only,
 (1,T,V) vs (1,1,V): row q_len-1 is compared), or a file is unreadable. The sampled tokens are listed side by side.
+
+--html writes the compare view (a step x tensor heat map with the first divergence marked; click a cell for its
+error histogram and worst positions) as one self-contained HTML file: data and chart library inlined, no network.
 
 Exit status: 1 when any tensor exceeds (the first one, in time and pipeline order, is named), 0 otherwise,
 2 for a usage error (missing run, no step in common). Steps or tensor files present in one run only are reported
@@ -25,7 +28,7 @@ import numpy as np
 
 from pipeline.core.cli_args import ArgumentParser
 from pipeline.core.errors import StagepipeError, cli_entry
-from pipeline.core.layout import INPUT_FILES, LOGITS, hidden_index, step_dirs, step_number, tensor_sort_key
+from pipeline.core.layout import INPUT_FILES, LOGITS, VISION, hidden_index, step_dirs, step_number, tensor_sort_key
 from pipeline.core.layout import writer_stage as stage_of
 from pipeline.tools.run_reading import classify, load_step_meta, open_npy, run_tokenizer, step_next_token, token_text
 from pipeline.tools.drift_plot import require_matplotlib, write_plot
@@ -113,21 +116,13 @@ def compare_tensor(path_a: Path, path_b: Path, rows: int | None, tol: Tolerance)
         entry.update(exceeds=True, reason=f"unreadable: {e}")
         return entry
     entry.update(shape_a=list(a.shape), shape_b=list(b.shape), dtype_a=str(a.dtype), dtype_b=str(b.dtype))
-    if a.dtype != b.dtype:
-        entry["note"] = f"dtype {a.dtype} vs {b.dtype}"
-    if a.shape != b.shape and _last_row_only(name, a, b, rows):
-        # one run kept all T prefill logits rows (run_auto --full_logits), the other the last real row only
-        if a.shape[1] > 1:
-            a, note = a[:, rows - 1:rows], f"B has the last real row only: compared A's row {rows - 1}"
-        else:
-            b, note = b[:, rows - 1:rows], f"A has the last real row only: compared B's row {rows - 1}"
-        entry["note"] = "; ".join(filter(None, [entry["note"], note]))
+    notes = [f"dtype {a.dtype} vs {b.dtype}"] if a.dtype != b.dtype else []
+    a, b, row_note, real_rows = align_pair(name, a, b, rows)
+    entry["note"] = "; ".join(notes + [row_note] if row_note else notes) or None
     if a.shape != b.shape:
         entry.update(exceeds=True, reason=f"shape {_shape(a.shape)} vs {_shape(b.shape)}")
         return entry
-    if has_token_rows(name) and rows is not None and a.ndim >= 2 and rows < a.shape[1]:
-        a, b = a[:, :rows], b[:, :rows]
-        entry["real_rows"] = rows
+    entry["real_rows"] = real_rows
     entry.update(metrics(a, b, tol, exact))
     reasons = []
     if not entry["allclose"]:
@@ -141,6 +136,22 @@ def compare_tensor(path_a: Path, path_b: Path, rows: int | None, tol: Tolerance)
         reasons.append(f"NaN in {'A' if entry['nan_a'] else ''}{'B' if entry['nan_b'] else ''}")
     entry.update(exceeds=bool(reasons), reason="; ".join(reasons) or None)
     return entry
+
+
+def align_pair(name: str, a: np.ndarray, b: np.ndarray, rows: int | None):
+    """(a, b, note, real_rows): the parts of two tensors that are compared. Token-row tensors keep their first
+    `rows` real rows; prefill logits of all T rows against the last real row only line up row rows-1. Shapes may
+    still differ afterwards (a failure for the caller to report)."""
+    note = None
+    if a.shape != b.shape and _last_row_only(name, a, b, rows):
+        # one run kept all T prefill logits rows (run_auto --full_logits), the other the last real row only
+        if a.shape[1] > 1:
+            a, note = a[:, rows - 1:rows], f"B has the last real row only: compared A's row {rows - 1}"
+        else:
+            b, note = b[:, rows - 1:rows], f"A has the last real row only: compared B's row {rows - 1}"
+    if a.shape == b.shape and has_token_rows(name) and rows is not None and a.ndim >= 2 and rows < a.shape[1]:
+        return a[:, :rows], b[:, :rows], note, rows
+    return a, b, note, None
 
 
 def _last_row_only(name: str, a: np.ndarray, b: np.ndarray, rows: int | None) -> bool:
@@ -162,9 +173,8 @@ def _sides(path_a: Path, path_b: Path):
         raise StagepipeError(f"{path_a} is a {kinds[0]} folder but {path_b} is a {kinds[1]} folder; give two of a kind")
     if kinds[0] == "step":
         return "step", {path_a.name: (path_a, path_b)}
-    a = {d.name: d for d in step_dirs(path_a)}
-    b = {d.name: d for d in step_dirs(path_b)}
-    names = sorted(set(a) | set(b), key=step_number)
+    a, b = ({d.name: d for d in step_dirs(p) + [p / VISION] if d.is_dir()} for p in (path_a, path_b))
+    names = sorted(set(a) | set(b), key=lambda n: -1 if n == VISION else step_number(n))  # a VL run's image step first
     return "run", {n: (a.get(n), b.get(n)) for n in names}
 
 
@@ -242,7 +252,8 @@ def print_report(r: dict):
         if s["only_in"]:
             print(f"{s['step']}: only in run {s['only_in']}")
             continue
-        where = f"{s['mode']}  past_len {s['past_len']}  q_len {s['q_len']}" if s["mode"] else "(no meta.json)"
+        where = f"{s['mode']}  past_len {s['past_len']}  q_len {s['q_len']}" if s["mode"] else \
+            "image step" if s["step"] == VISION else "(no meta.json)"
         print(f"{s['step']}  {where}")
         for key, (va, vb) in s["meta_differs"].items():
             print(f"  meta.json {key} differs: A {va}  B {vb}")
@@ -312,6 +323,8 @@ def main(argv=None):
     p.add_argument("--json", type=Path, default=None, metavar="OUT",
                    help="write the full report as JSON to OUT ('-': print it instead of the text report)")
     p.add_argument("--plot", type=Path, default=None, metavar="OUT.png", help="plot max abs error per step and stage")
+    p.add_argument("--html", type=Path, default=None, metavar="OUT.html",
+                   help="write the compare view as one self-contained HTML file (heat map, error histograms)")
     p.add_argument("--strict", action="store_true", help="steps or tensor files present in one run only also fail")
     a = p.parse_args(argv)
     if a.atol < 0 or a.rtol < 0:
@@ -320,6 +333,11 @@ def main(argv=None):
         require_matplotlib()  # fail before the work, not after
     report = compare(a.run_a, a.run_b, Tolerance(a.atol, a.rtol, a.min_cosine), strict=a.strict)
     emit_report(report, a.json, print_report, a.plot, write_plot)
+    if a.html is not None:
+        from pipeline.tools.compare_view import write_html_report
+
+        write_html_report(report, a.html)
+        print(f"HTML report written to {a.html}", file=sys.stderr if str(a.json) == "-" else sys.stdout)
     return 0 if report["ok"] else 1
 
 

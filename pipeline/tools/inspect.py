@@ -22,10 +22,11 @@ from pipeline.core import layout
 from pipeline.core.jsonfile import load_model_file
 from pipeline.core.layout import step_dirs, step_number
 from pipeline.tools.report import dump_json, fmt_num, format_table
-from pipeline.tools.run_reading import (TENSOR_HEADERS, abbreviate_ids, classify, file_stats, load_step_meta, open_npy,
+from pipeline.tools.run_reading import (TENSOR_HEADERS, abbreviate_ids, classify, file_stats, is_image_step,
+                                         load_step_meta, open_npy,
                                          read_json, run_tokenizer, step_next_token, step_tensor_files, tensor_rows,
                                          token_text)
-from schemas.run import CacheRecord, RunSummary, StepMeta
+from schemas.run import CacheRecord, RunSummary, StepMeta, VisionMeta
 
 
 
@@ -109,6 +110,9 @@ def print_run(info: dict):
         return
     print("summary (summary.json):")
     for key, value in summary.items():
+        if key == "turns":
+            print_turns(value)
+            continue
         if isinstance(value, list) and len(value) > 12:
             value = f"{abbreviate_ids(value, keep=8)}"
         elif isinstance(value, str):
@@ -118,10 +122,23 @@ def print_run(info: dict):
         print(f"  {key}: {value}")
 
 
+def print_turns(turns: list[dict]):
+    """A conversation's messages, one line each: role, steps, token count, stop reason, text."""
+    if len(turns) <= 2:  # a single turn: the fields above say it all
+        return
+    print("  turns:")
+    for t in turns:
+        steps = f"steps {t['first_step']}..{t['last_step']}" if t["last_step"] >= 0 else "no step done"
+        stop = f", {t['stop_reason']}" if t.get("stop_reason") else ""
+        text = t["text"] if len(t["text"]) <= 60 else t["text"][:57] + "..."
+        print(f"    {t['role']:<9} {steps:<16} {len(t['token_ids']):>5} ids{stop:<12} {text!r}")
+
+
 # -- step ---------------------------------------------------------------------------------------------------------
 def inspect_step(step_dir: Path) -> dict:
     meta_path = step_dir / layout.META
-    meta = load_model_file(meta_path, StepMeta).model_dump() if meta_path.is_file() else None
+    kind = VisionMeta if is_image_step(step_dir) else StepMeta
+    meta = load_model_file(meta_path, kind).model_dump() if meta_path.is_file() else None
     text_path = step_dir / layout.NEXT_TOKEN_TEXT
     return {"kind": "step", "path": str(step_dir), "meta": meta,
             "next_token_text": text_path.read_text(encoding="utf-8", errors="replace") if text_path.is_file() else None,
@@ -131,7 +148,7 @@ def inspect_step(step_dir: Path) -> dict:
 def print_step(info: dict):
     print(f"step {info['path']}")
     meta = info["meta"]
-    if meta and meta["mode"] == "prefill" and meta["q_len"] < meta["max_input_len"]:
+    if meta and meta.get("mode") == "prefill" and meta["q_len"] < meta["max_input_len"]:
         print(f"  (prefill: rows {meta['q_len']}..{meta['max_input_len'] - 1} of the (1,T,...) hidden_block*/logits "
               "are padding; statistics include them)")
     print()

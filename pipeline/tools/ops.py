@@ -23,7 +23,7 @@ import numpy as np
 
 from pipeline.core.cli_args import ArgumentParser
 from pipeline.core.errors import StagepipeError, cli_entry, stdout_may_close
-from pipeline.core.layout import MANIFEST, MODES, graph_set_window
+from pipeline.core.layout import MANIFEST, MODES, graph_set_window, vision_stage_names
 from pipeline.tools.report import dump_json, format_table
 
 STANDARD_DOMAINS = {"", "ai.onnx", "ai.onnx.ml"}
@@ -219,18 +219,21 @@ def graph_files(path: Path) -> tuple[list[tuple[str, Path]], int | None]:
                    if stage not in manifest.graphs.get(mode, {})]
         if missing:
             raise StagepipeError(f"{path}/{MANIFEST}: no graph for {missing[0]}; reconvert")
-        out = []
-        # every graph the manifest lists: each mode's whole-cache set, then the attention windows' block graphs
+        # every graph the manifest lists: each mode's whole-cache set, then the attention windows' block graphs,
+        # then a VL model's vision graphs
         C = manifest.max_cache_len
-        for graphs in sorted(manifest.graphs, key=lambda g: (-graph_set_window(g, C), MODES.index(g.split("_c")[0]))):
-            for stage in manifest.stage_names():
-                spec = manifest.graphs[graphs].get(stage)
-                if spec is None:
-                    continue
-                f = path / spec.file
-                if not f.is_file():
-                    raise StagepipeError(f"{f}: listed in {MANIFEST} but missing; reconvert the model")
-                out.append((spec.file.removesuffix(".onnx"), f))
+        specs = [manifest.graphs[graphs][stage]
+                 for graphs in sorted(manifest.graphs, key=lambda g: (-graph_set_window(g, C),
+                                                                      MODES.index(g.split("_c")[0])))
+                 for stage in manifest.stage_names() if stage in manifest.graphs[graphs]]
+        if manifest.vision is not None:
+            specs += [manifest.vision.graphs[stage] for stage in vision_stage_names(len(manifest.vision.blocks))]
+        out = []
+        for spec in specs:
+            f = path / spec.file
+            if not f.is_file():
+                raise StagepipeError(f"{f}: listed in {MANIFEST} but missing; reconvert the model")
+            out.append((spec.file.removesuffix(".onnx"), f))
         return out, manifest.opset
     found = sorted(path.rglob("*.onnx"))
     if not found:

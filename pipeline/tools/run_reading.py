@@ -56,9 +56,16 @@ def read_json(path: Path) -> dict | None:
     return data
 
 
+def is_image_step(step_dir: Path) -> bool:
+    """A VL run's vision/ folder (its meta.json is a VisionMeta)."""
+    meta = read_json(Path(step_dir) / layout.META)
+    return bool(meta) and meta.get("kind") == "vision"
+
+
 def load_step_meta(step_dir: Path) -> StepMeta | None:
+    """A step's meta.json; None when absent or for an image step (whose meta is a VisionMeta)."""
     path = Path(step_dir) / layout.META
-    return load_model_file(path, StepMeta) if path.is_file() else None
+    return load_model_file(path, StepMeta) if path.is_file() and not is_image_step(step_dir) else None
 
 
 def step_next_token(step_dir: Path, meta: StepMeta | None) -> int | None:
