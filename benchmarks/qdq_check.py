@@ -95,7 +95,7 @@ def main(argv=None):
     p.add_argument("--out", type=Path, default=None, help="also write the results as JSON")
     a = p.parse_args(argv)
     try:
-        import openvino  # noqa: F401
+        import openvino  # noqa: F401  (compare_backends imports it; say so before any work)
     except ImportError:
         raise StagepipeError("openvino is not installed: pip install openvino") from None
     m = load_manifest(a.qdq_dir)

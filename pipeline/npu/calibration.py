@@ -20,17 +20,15 @@ from (run, step, past_len, q_len). The folder is written beside DIR and renamed 
 from __future__ import annotations
 
 import argparse
-import os
-import shutil
 from pathlib import Path
 
 import numpy as np
 
-from pipeline.convert.onnx_dir import replace_dir
 from pipeline.core import layout
 from pipeline.core.atomic import write_json
 from pipeline.core.errors import StagepipeError, cli_entry
 from pipeline.core.jsonfile import load_manifest
+from pipeline.npu.folders import building
 from pipeline.npu.samples import StageSample, check_same_model, open_run_set, pick, spec_bytes, stage_samples
 from schemas.manifest import Manifest
 
@@ -92,22 +90,13 @@ def write_calibration(run_set: Path, stage: str, out: Path, fmt: str = "npz", ma
     if not samples:
         raise StagepipeError(f"{run_set}: no step where {stage} ran; finish the runs first")
     chosen = bounded(by_graph_set(samples, m), m, stage, max_samples, max_mb, seed)
-    if out.exists() and any(out.iterdir()) and not (out / layout.CALIBRATION_JSON).is_file():
-        raise StagepipeError(f"--out {out} exists and is not a calibration folder; choose a new or empty folder")
-    tmp = out.parent / f".{out.name}.writing-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.mkdir(parents=True)
-    try:
+    with building(out, layout.CALIBRATION_JSON, "a calibration folder") as tmp:
         record = {"stage": stage, "format": fmt, "run_set": str(Path(run_set).resolve()),
                   "onnx_dir": str(onnx_dir.resolve()), "onnx_fingerprint": m.graphs_fingerprint,
                   "steps_available": len(samples), "seed": seed,
                   "graph_sets": {name: write_samples(tmp, name, group, m, stage, fmt)
                                  for name, group in sorted(chosen.items())}}
         write_json(tmp / layout.CALIBRATION_JSON, record)
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return record
 
 

@@ -7,16 +7,15 @@ from __future__ import annotations
 
 import hashlib
 import os
-import shutil
 from pathlib import Path
 
 import onnx
 
-from pipeline.convert.onnx_dir import graph_spec, replace_dir
+from pipeline.convert.onnx_dir import graph_spec
 from pipeline.core.atomic import write_text
 from pipeline.core.errors import StagepipeError
-from pipeline.core.layout import GENERATION_CONFIG, MANIFEST, MODEL_CONFIG, MODES
-from pipeline.npu.qdq_dir import copy_into
+from pipeline.core.layout import MANIFEST, MODES
+from pipeline.npu.folders import building, copy_into, copy_model_files
 from pipeline.runtime.compat import why_not_interchangeable
 from pipeline.runtime.plan import hidden_dtype
 from schemas.manifest import GraphSpec, Manifest, QuantizationSpec
@@ -62,13 +61,7 @@ def write_mixed_dir(reference_dir: Path, sources: dict[str, tuple[Path, Manifest
     from pipeline.core.jsonfile import load_manifest
 
     ref = load_manifest(reference_dir)
-    if out.exists() and any(out.iterdir()) and not (out / MANIFEST).is_file():
-        raise StagepipeError(f"--out {out} exists and is not an onnx_dir; choose a new or empty folder")
-    tmp = out.parent / f".{out.name}.writing-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    for mode in MODES:
-        (tmp / mode).mkdir(parents=True)
-    try:
+    with building(out, MANIFEST, "an onnx_dir", MODES) as tmp:
         graphs: dict[str, dict[str, GraphSpec]] = {name: {} for name in ref.graphs}
         identity = hashlib.sha256()
         for stage in ref.stage_names():
@@ -77,19 +70,14 @@ def write_mixed_dir(reference_dir: Path, sources: dict[str, tuple[Path, Manifest
             for name, spec in copy_stage_renamed(src, m, stage, label, tmp, link).items():
                 graphs[name][stage] = spec
             identity.update(f"{stage}={m.graphs_fingerprint};".encode())
-        for name in set(ref.tokenizer_files) | {MODEL_CONFIG, GENERATION_CONFIG}:
-            if (reference_dir / name).is_file():
-                copy_into(reference_dir, tmp, name)
+        copy_model_files(reference_dir, tmp, ref)
         used = [sources[assignment[s]][1] for s in ref.stage_names()]
         manifest = ref.model_copy(update={
             "precision": "mixed", "graphs": graphs, "graphs_fingerprint": identity.hexdigest(),
-            "opset": max(m.opset for m in used), "nonstandard_ops": sorted({op for m in used for op in m.nonstandard_ops}),
+            "opset": max(m.opset for m in used),
+            "nonstandard_ops": sorted({op for m in used for op in m.nonstandard_ops}),
             "quantization": QuantizationSpec(scheme="mixed", source_fingerprint=ref.graphs_fingerprint,
                                              stages={s: f"{assignment[s]} ({sources[assignment[s]][1].precision})"
                                                      for s in ref.stage_names()})})
         write_text(tmp / MANIFEST, manifest.model_dump_json(indent=2) + "\n")
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest

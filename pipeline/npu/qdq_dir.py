@@ -7,38 +7,23 @@ link=True: less disk, but the onnx package >= 1.21 refuses to load weights from 
 from __future__ import annotations
 
 import hashlib
-import os
-import shutil
 from pathlib import Path
 
 import onnx
 from onnx import numpy_helper
 
 from pipeline.convert.onnx_builder import WeightStore
-from pipeline.convert.onnx_dir import graph_spec, replace_dir, share_weights
+from pipeline.convert.onnx_dir import graph_spec, share_weights
 from pipeline.core.atomic import write_text
 from pipeline.core.errors import StagepipeError
-from pipeline.core.layout import GENERATION_CONFIG, MANIFEST, MODEL_CONFIG, MODES, graph_set_window, weights_file
+from pipeline.core.layout import MANIFEST, MODES, graph_set_window, weights_file
+from pipeline.npu.folders import building, copy_into, copy_model_files
 from pipeline.npu.qdq import SCHEMES, calibrate, prepared, quantize_graph, work_dir
 from pipeline.npu.samples import RunFolderView, StageSample, pick, stage_samples
 from pipeline.runtime.plan import window_for
 from schemas.manifest import GraphSpec, Manifest, QuantizationSpec
 
 INLINE_BYTES = 1024  # smaller initializers (scales, zero points, shapes) stay inside the graph
-
-
-def copy_into(src_dir: Path, out: Path, rel: str, link: bool = False):
-    """A file of src_dir at the same place in out: a copy, or a hard link (where the filesystem allows) with
-    link=True; the onnx package >= 1.21 refuses to load weights from a file with several links."""
-    (out / rel).parent.mkdir(parents=True, exist_ok=True)
-    if (out / rel).exists():
-        return
-    if link:
-        try:
-            return os.link(src_dir / rel, out / rel)
-        except OSError:
-            pass
-    shutil.copyfile(src_dir / rel, out / rel)
 
 
 def copy_stage(src_dir: Path, m: Manifest, stage: str, out: Path, graph_hash, link: bool) -> dict[str, GraphSpec]:
@@ -125,16 +110,10 @@ def write_qdq_dir(src_dir: Path, runs: list[RunFolderView], scheme_name: str, ou
         raise StagepipeError(f"--onnx_dir {src_dir}: its graphs are {m.precision}; quantize fp32 graphs")
     if scheme_name not in SCHEMES:
         raise StagepipeError(f"--scheme {scheme_name}: choose one of {', '.join(SCHEMES)}")
-    if out.exists() and any(out.iterdir()) and not (out / MANIFEST).is_file():
-        raise StagepipeError(f"--out {out} exists and is not an onnx_dir; choose a new or empty folder")
-    tmp = out.parent / f".{out.name}.writing-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    for mode in MODES:
-        (tmp / mode).mkdir(parents=True)
     graph_hash = hashlib.sha256(m.graphs_fingerprint.encode())
     graphs: dict[str, dict[str, GraphSpec]] = {name: {} for name in m.graphs}
     made, counts = {}, {}
-    try:
+    with building(out, MANIFEST, "an onnx_dir", MODES) as tmp:
         for stage in m.stage_names():
             if stage in stages:
                 log(f"{stage}: calibrating and quantizing ({scheme_name}) ...")
@@ -145,9 +124,7 @@ def write_qdq_dir(src_dir: Path, runs: list[RunFolderView], scheme_name: str, ou
                 specs, made[stage] = copy_stage(src_dir, m, stage, tmp, graph_hash, link), m.precision
             for name, spec in specs.items():
                 graphs[name][stage] = spec
-        for name in set(m.tokenizer_files) | {MODEL_CONFIG, GENERATION_CONFIG}:
-            if (src_dir / name).is_file():
-                copy_into(src_dir, tmp, name)
+        copy_model_files(src_dir, tmp, m)
         quantized = [s for s in m.stage_names() if s in stages]
         manifest = m.model_copy(update={
             "precision": f"qdq-{scheme_name}", "graphs": graphs, "graphs_fingerprint": graph_hash.hexdigest(),
@@ -157,10 +134,6 @@ def write_qdq_dir(src_dir: Path, runs: list[RunFolderView], scheme_name: str, ou
                                              calibration_runs=[str(r.dir.resolve()) for r in runs],
                                              calibration_samples=counts)})
         write_text(tmp / MANIFEST, manifest.model_dump_json(indent=2) + "\n")
-        replace_dir(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
     return manifest
 
 

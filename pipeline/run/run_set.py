@@ -88,12 +88,9 @@ def run_options(base: RunOptions, entry: PromptEntry, run_dir: Path) -> RunOptio
 
 def with_model_resolved(base: RunOptions) -> RunOptions:
     """Find or convert the model once, here, so the runs never convert side by side; they get its onnx_dir."""
-    from pipeline.run.model_source import resolve_onnx_dir
+    from pipeline.run.main import model_dir
 
-    onnx_dir = resolve_onnx_dir(Path(base.model_path) if base.model_path else None,
-                                Path(base.onnx_dir) if base.onnx_dir else None,
-                                base.max_input_len or None, base.max_cache_len or None, log=print)
-    return replace(base, onnx_dir=str(onnx_dir.resolve()), model_path="", max_input_len=0, max_cache_len=0)
+    return replace(base, onnx_dir=str(model_dir(base).resolve()), model_path="", max_input_len=0, max_cache_len=0)
 
 
 def run_one(options: RunOptions, log_path: str) -> int:
@@ -254,16 +251,9 @@ def main(argv=None) -> int:
 
 def run_set_entry(values: dict) -> int:
     from pipeline.core.options import from_values
-    from pipeline.run.main import INTERRUPTED
+    from pipeline.run.main import exit_code
 
-    try:
-        return run_set(from_values(RunSetOptions, values), from_values(RunOptions, values))
-    except StagepipeError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    except KeyboardInterrupt:
-        print(f"\n{INTERRUPTED}", file=sys.stderr)
-        return 130
+    return exit_code(lambda: run_set(from_values(RunSetOptions, values), from_values(RunOptions, values)))
 
 
 def run_set_action(**params):
