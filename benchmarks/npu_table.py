@@ -6,7 +6,7 @@
 
 Converts fp32, fp16, int8, int4 (MatMulNBits) onnx_dirs; runs the prompt set on fp32 (python -m pipeline.run_set;
 the last two prompts are held out); makes QDQ w8a8, w8a16, w4a16 graphs (python -m pipeline.quantize, calibrated on
-the others) and the mixed assignment over fp32/int8/int4 (python -m pipeline.mixed). For each: model size (graphs
+the others; and w8a8 with onnxruntime's default settings, nothing kept in float) and the mixed assignment over fp32/int8/int4 (python -m pipeline.mixed). For each: model size (graphs
 and weights, decode's copies once), logits cosine and top-1 agreement against fp32 on every held-out position,
 perplexity of --perplexity_text where benchmarks/perplexity.py is there, and decode tokens/s of run_auto on this
 CPU: --rounds interleaved rounds (every dir once per round, under nice), medians. Writes OUT/table.json and
@@ -39,6 +39,9 @@ PROMPTS = [
     "Give three tips for writing readable code and explain why they help.",
     "Why do compilers need an intermediate representation? Answer in a paragraph.",
 ]
+# (row, scheme, --keep_float): the last is onnxruntime's default settings (mask, RoPE and norms quantized too)
+QDQ = [("qdq-w8a8", "w8a8", "mask,rope,norms"), ("qdq-w8a16", "w8a16", "mask,rope,norms"),
+       ("qdq-w4a16", "w4a16", "mask,rope,norms"), ("qdq-w8a8-default", "w8a8", "none")]
 SPEED_PROMPT = "Tell me about NPUs and how they run language models on small devices."
 
 
@@ -116,12 +119,12 @@ def main(argv=None):
     log("run set on fp32 ...")
     python("-m", "pipeline.run_set", "--prompts", prompts, "--run_root", out / "set", "--onnx_dir", dirs["fp32"],
            "-n", "2")
-    for scheme in ("w8a8", "w8a16", "w4a16"):
-        dirs[f"qdq-{scheme}"] = out / f"qdq-{scheme}"
-        if not (dirs[f"qdq-{scheme}"] / "manifest.json").exists():
-            log(f"quantize {scheme} ...")
+    for name, scheme, keep_float in QDQ:
+        dirs[name] = out / name
+        if not (dirs[name] / "manifest.json").exists():
+            log(f"quantize {name} ...")
             python("-m", "pipeline.quantize", "--onnx_dir", dirs["fp32"], "--calibration", out / "set", "--scheme",
-                   scheme, "--out", dirs[f"qdq-{scheme}"], "--heldout", 2)
+                   scheme, "--keep_float", keep_float, "--out", dirs[name], "--heldout", 2)
     log("mixed ...")
     python("-m", "pipeline.mixed", "--onnx_dirs", f"fp32={dirs['fp32']},int8={dirs['int8']},int4={dirs['int4']}",
            "--calibration", out / "set", "--target", a.mixed_target, "--out", out / "mixed", "--heldout", 2)
