@@ -164,7 +164,7 @@ def run_ray(address: str, jobs: int, tasks: list[tuple[int, RunOptions, str]], p
         ray.init(address=None if address == "local" else address, include_dashboard=False, log_to_driver=False)
     # workers import this stagepipe (a checkout at the same path on every node, or an installed package)
     code_root = str(Path(pipeline.__file__).resolve().parents[1])
-    remote = ray.remote(run_one).options(num_cpus=max(1, tasks[0][1].threads) if tasks else 1,
+    remote = ray.remote(run_one).options(num_cpus=tasks[0][1].threads if tasks else 1,
                                          runtime_env={"env_vars": {"PYTHONPATH": code_root}})
     codes: dict[int, int] = {}
     queue, in_flight = list(tasks), {}
@@ -187,8 +187,9 @@ def run_set(o: RunSetOptions, base: RunOptions) -> int:
     root = Path(o.run_root)
     root.mkdir(parents=True, exist_ok=True)
     check_record(root, entries, base.clean)
-    if not base.threads and not o.ray:  # runs side by side share the cores instead of each taking them all
-        base = replace(base, threads=max(1, (os.cpu_count() or 1) // min(o.jobs, len(entries))))
+    if not base.threads:  # runs side by side share the cores instead of each taking them all; a Ray task
+        # takes the CPUs it reserves (--threads, default 1)
+        base = replace(base, threads=1 if o.ray else max(1, (os.cpu_count() or 1) // min(o.jobs, len(entries))))
     base = with_model_resolved(base)
     tasks = [(i, run_options(base, e, root / layout.set_run_name(i)), str((root / layout.set_log_file(i)).resolve()))
              for i, e in enumerate(entries)]
