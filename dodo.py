@@ -1,6 +1,7 @@
 """stagepipe tasks. `doit list` shows them; `doit help TASK` shows a task's options and their defaults.
 
     doit run_auto [--prompt ...]         generate through the stage pipeline (the demo model by default)
+    doit run_set --prompts P.jsonl [-n 2]   one run folder per prompt, side by side (or on Ray: --ray)
     doit chat [--run_root runs/chat]     talk to the model in the terminal (a conversation over one KV cache)
     doit convert --model_path M --onnx_dir O [...]
     doit demo_model                      write the demo checkpoint to models/demo-qwen3
@@ -24,6 +25,7 @@ from pipeline.core.options import doit_params, to_argv  # noqa: E402
 from pipeline.run.chat import chat_params  # noqa: E402
 from pipeline.run.doit_support import QuietReporter, friendly_task_option_errors  # noqa: E402
 from pipeline.run.options import RunOptions  # noqa: E402
+from pipeline.run.run_set import PER_RUN, RunSetOptions  # noqa: E402
 from pipeline.web.options import ServeOptions  # noqa: E402
 
 # doit's record of these tasks (they always run: it holds nothing a run needs). sqlite3 commits atomically and
@@ -46,6 +48,12 @@ def task_run_auto(**params):
     return {"actions": [(run_auto_action, [], params)], "uptodate": [False], "verbosity": 2}
 
 
+@task_params(doit_params(RunSetOptions) + doit_params(RunOptions, skip=PER_RUN))
+def task_run_set(**params):
+    """Run a prompts.jsonl set: one resumable run folder per prompt, in parallel processes or on Ray."""
+    from pipeline.run.run_set import run_set_action
+
+    return {"actions": [(run_set_action, [], params)], "uptodate": [False], "verbosity": 2}
 @task_params(chat_params())
 def task_chat(**params):
     """Talk to the model in the terminal: each turn is steps over the run's KV cache (/exit, /reset, /save FILE)."""

@@ -6,6 +6,8 @@
     stagepipe inspect PATH | compare A B | ops ONNX_DIR | demo --out DIR
     stagepipe replay GOLDEN_RUN --onnx_dir C | conformance --onnx_dir C | pack RUN -o PACK.tar.gz
     stagepipe serve [--runs runs] [--port 8000]                          (= doit serve)
+    stagepipe run_set --prompts P.jsonl [-n 2] [--ray local|ADDRESS]    (= doit run_set)
+    stagepipe calibration RUN_SET --stage S --out D | quantize ... | mixed ...   (NPU quantization)
     stagepipe stage token_embed|block|output ...                         (= python -m stages.<stage>)
 """
 from __future__ import annotations
@@ -28,6 +30,10 @@ COMMANDS = {
     "pack": ("pipeline.tools.pack", "a repro pack (.tar.gz) of a run for a vendor ticket"),
     "demo": ("pipeline.demo.checkpoint", "write the demo checkpoint"),
     "serve": ("pipeline.web.serve", "web pages on 127.0.0.1: browse runs, compare them, chat"),
+    "run_set": ("pipeline.run.run_set", "one run folder per prompt of a JSON Lines file, side by side or on Ray"),
+    "calibration": ("pipeline.npu.calibration", "a stage's inputs from a run set, for vendor toolchains"),
+    "quantize": ("pipeline.npu.quantize", "static QDQ graphs (w8a8, w8a16, w4a16) calibrated on a run set"),
+    "mixed": ("pipeline.npu.mixed", "the cheapest per-stage precision mix meeting a quality target"),
 }
 STAGES = ("token_embed", "block", "output")
 

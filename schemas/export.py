@@ -8,10 +8,10 @@ import json
 from pathlib import Path
 
 from schemas.manifest import Manifest
-from schemas.run import CacheRecord, RunSettings, RunSummary, StepMeta, VisionMeta
+from schemas.run import CacheRecord, RunSetRecord, RunSettings, RunSummary, SetSummary, StepMeta, VisionMeta
 
 SCHEMAS = {"manifest": Manifest, "run": RunSettings, "meta": StepMeta, "summary": RunSummary, "cache": CacheRecord,
-           "vision_meta": VisionMeta}
+           "vision_meta": VisionMeta, "run_set": RunSetRecord, "set_summary": SetSummary}
 SCHEMA_DIR = Path(__file__).parent
 
 

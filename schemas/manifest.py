@@ -135,6 +135,17 @@ class SourceFile(BaseModel):
     mtime_ns: int
 
 
+class QuantizationSpec(BaseModel):
+    """How a quantized onnx_dir was made from others (python -m pipeline.quantize, python -m pipeline.mixed)."""
+
+    scheme: str  # w8a8, w8a16, w4a16 (QDQ), or mixed
+    source_fingerprint: str  # graphs_fingerprint of the fp32 onnx_dir it was made from
+    stages: dict[str, str]  # stage -> what its graphs are: "w8a8" (quantized here), "fp32", "int4" (copied), ...
+    keep_float: list[str] = []  # graph parts left in float (pipeline/npu/graph_parts.py): mask, rope, norms
+    calibration_runs: list[str] = []  # the run folders the activation ranges were calibrated on
+    calibration_samples: dict[str, int] = {}  # stage -> samples calibrated on
+
+
 class WrittenFile(BaseModel):
     """A file the converter wrote: checked before a run opens it. Graphs are small and always hashed; a
     weights file is hashed again only when its size or mtime moved (a 2 GB file is not reread every run)."""
@@ -151,7 +162,9 @@ class Manifest(BaseModel):
     stagepipe_version: str
     graph_format: int = 0  # pipeline.graphs.GRAPH_FORMAT of the converter that wrote it (0: before it was recorded)
     model: ModelConfig
-    precision: Literal["fp32", "fp16", "int8", "int4"]  # int8/int4: weight-only quantized linear layers
+    # int8/int4: weight-only quantized linear layers (MatMulNBits); qdq-*: QuantizeLinear/DequantizeLinear graphs
+    # (python -m pipeline.quantize); mixed: each stage's graphs from another onnx_dir (python -m pipeline.mixed)
+    precision: Literal["fp32", "fp16", "int8", "int4", "qdq-w8a8", "qdq-w8a16", "qdq-w4a16", "mixed"]
     kv_dtype: Literal["float16", "float32"]
     max_input_len: Positive  # T of the prefill graphs
     max_cache_len: Positive  # C: KV cache slots
@@ -159,6 +172,12 @@ class Manifest(BaseModel):
     # graphs of the smallest window that holds past_len + q_len slots, so early tokens do not pay for all C slots.
     # Graph sets: "prefill"/"decode" (every stage, window C) and "prefill_c<W>"/"decode_c<W>" (blocks, window W).
     cache_windows: list[int] = []  # [] (older manifests): [max_cache_len]
+    # "window": the block graphs of a window W take only the cache slots [0, W) as (Lk,1,KV,W,D) (convert
+    # --cache_input window); "whole": the (Lk,1,KV,C,D) cache, sliced inside
+    cache_input: Literal["whole", "window"] = "whole"
+    # the block graphs take the RoPE tables cos/sin (T, D) in place of position_ids (convert --rope_input); token_embed
+    # writes them to the step folder
+    rope_input: bool = False
     mask_value: float  # what attention_mask holds where a position is masked (finite, <= MASK_VALUE_MAX)
     opset: Positive
     blocks: list[BlockSpec]
@@ -169,6 +188,7 @@ class Manifest(BaseModel):
     graphs_fingerprint: str  # sha256 over every graph and weight byte written
     tokenizer_files: list[str]
     nonstandard_ops: list[str] = []  # "domain:Op" outside the default ONNX domain (int8/int4: MatMulNBits)
+    quantization: QuantizationSpec | None = None  # qdq-* and mixed onnx_dirs: how they were made
     vision: VisionSpec | None = None  # VL models: the vision tower's graphs (None for text models)
     # every graph and weights file written, by path in the onnx_dir ({} in manifests written before: unchecked)
     files: dict[InsidePath, WrittenFile] = {}

@@ -167,3 +167,40 @@ class CacheRecord(Strict):
     max_cache_len: int
     kv_dtype: str
     block_shapes: list[list[int]]
+
+
+class PromptEntry(Strict):
+    """One line of a run set's prompts.jsonl: the prompt, and run_auto options of its own (None: the command's)."""
+
+    prompt: str = Field(min_length=1)
+    chat: bool | None = None
+    no_think: bool | None = None
+    steps: int | None = Field(default=None, ge=1)
+    greedy: bool | None = None
+    temperature: float | None = None
+    top_k: int | None = None
+    top_p: float | None = None
+    seed: int | None = None
+    ignore_eos: bool | None = None
+
+
+class RunSetRecord(Strict):
+    """run_set.json: the prompts of a run set; run i of the set is the run folder run_000i."""
+
+    schema_version: int = RUN_SCHEMA_VERSION
+    prompts: list[PromptEntry]
+
+
+class SetRunResult(Strict):
+    run: str  # the run folder's name in the set
+    prompt: str
+    exit_code: int  # run_auto's: 0 done, 1 a task failed, 2 bad input, 130 interrupted
+    summary: RunSummary | None = None
+
+
+class SetSummary(Strict):
+    """set_summary.json: how each run of a set ended, and what it generated."""
+
+    schema_version: int = RUN_SCHEMA_VERSION
+    runs: list[SetRunResult]
+    seconds: float  # wall time of the command that wrote it

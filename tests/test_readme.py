@@ -23,12 +23,20 @@ def readme_commands(text: str) -> list[tuple[str, int]]:
     for block in re.finditer(r"(<!-- readme: skip[^>]*-->\s*\n)?```bash\n(.*?)```", text, re.S):
         if block.group(1):
             continue
-        lines = block.group(2).replace("\\\n", " ").splitlines()
+        lines = iter(block.group(2).replace("\\\n", " ").splitlines())
         for line in lines:
             line = line.strip()
             if not line or line.startswith("#"):
                 continue
             expected = re.search(r"#\s*exit (\d+)\s*$", line)
+            heredoc = re.search(r"<<\s*'?(\w+)'?", line)
+            if heredoc:  # the here-document's lines belong to this command
+                body = []
+                for more in lines:
+                    body.append(more)
+                    if more.strip() == heredoc.group(1):
+                        break
+                line = "\n".join([line, *body])
             commands.append((line.replace(SETUP, ""), int(expected.group(1)) if expected else 0))
     return commands
 
@@ -37,6 +45,8 @@ def test_readme_parsing_skips_marked_blocks_and_reads_exit_codes():
     text = ("```bash\necho a   # exit 1\nls \\\n  -l\n```\n<!-- readme: skip (needs a GPU) -->\n```bash\nnvidia-smi\n```\n"
             f"```bash\n{SETUP}doit run_auto\n```\n")
     assert readme_commands(text) == [("echo a   # exit 1", 1), ("ls    -l", 0), ("doit run_auto", 0)]
+    heredoc = "```bash\ncat > f <<'EOF'\n{\"a\": 1}\nEOF\nwc -l f\n```\n"
+    assert readme_commands(heredoc) == [("cat > f <<'EOF'\n{\"a\": 1}\nEOF", 0), ("wc -l f", 0)]
 
 
 def test_readme_commands_run_in_order(tmp_path):

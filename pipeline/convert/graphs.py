@@ -7,6 +7,8 @@ D head_dim, KV kv heads, V vocab):
           position_ids int64 (1,T) (VL models, M-RoPE: (3,1,T)),
           past_key/past_value (Lk,1,KV,C,D)                             -> hidden_states_out (1,T,H),
                                                                        present_key/present_value (Lk,1,KV,T,D)
+          (convert --cache_input window: past_key/past_value (Lk,1,KV,W,D); --rope_input: cos, sin f32 (T,D)
+          in place of position_ids)
   output: hidden_states (1,T,H)                                     -> logits f32 (1,T,V)
 Inside a block the residual stream, norms, RoPE and attention run in float32; in fp16 graphs only the
 matrix multiplies (and the hidden states passed between stages) are float16.
@@ -31,7 +33,8 @@ GRAPH_FORMAT = 3
 class GraphShape:
     T: int  # tokens per step
     W: int  # attention window: the cache slots [0, W) a step attends to
-    C: int = 0  # slots of the past_key/past_value inputs: the whole cache (0: W, the layout before stagepipe 3)
+    C: int = 0  # slots of the past_key/past_value inputs: the whole cache (0: W, only the window's slots)
+    rope_input: bool = False  # block graphs take cos/sin (T, D) tables in place of position_ids
 
     @property
     def cache_slots(self) -> int:
@@ -130,7 +133,9 @@ def build_block(config: ModelConfig, precision: Precision, shape: GraphShape, la
     Lk = len(layers)
     hidden = g.input("hidden_states", precision.compute, (1, T, H))
     mask = g.input("attention_mask", F32, (1, 1, T, W + T))
-    positions = g.input("position_ids", np.int64, (3, 1, T) if c.mrope_section else (1, T))
+    rope_inputs = (g.input("cos", F32, (T, D)), g.input("sin", F32, (T, D))) if shape.rope_input else None
+    positions = None if shape.rope_input else \
+        g.input("position_ids", np.int64, (3, 1, T) if c.mrope_section else (1, T))
     # the whole cache comes in (the caller passes its buffer as it is, no copy) and each layer slices its
     # first W slots: for a smaller window that slice is the one copy of the cache a step makes
     past_key = g.input("past_key", precision.kv, (Lk, 1, KV, shape.cache_slots, D))
@@ -139,7 +144,7 @@ def build_block(config: ModelConfig, precision: Precision, shape: GraphShape, la
     x = g.op("Reshape", hidden, g.const([T, H]))
     if precision.is_fp16:
         x = s.cast(x, F32)
-    cos, sin_signed = _rope_tables(s, positions, T, D)
+    cos, sin_signed = _rope_from_inputs(s, *rope_inputs, D) if rope_inputs else _rope_tables(s, positions, T, D)
 
     present_keys, present_values = [], []
     for i, layer in enumerate(layers):
@@ -172,6 +177,12 @@ def _rope_tables(s: StageGraph, positions: str, T: int, D: int):
     cos = g.op("Concat", cos_half, cos_half, axis=-1)
     sin_signed = g.op("Concat", g.op("Neg", sin_half), sin_half, axis=-1)
     return cos, sin_signed
+
+
+def _rope_from_inputs(s: StageGraph, cos: str, sin: str, D: int):
+    """cos as given, and sin (T,D) as transformers lays it out, its first half negated: the tables _rope takes."""
+    sign = np.concatenate([-np.ones(D // 2, F32), np.ones(D // 2, F32)]).reshape(1, D)
+    return cos, s.g.op("Mul", sin, s.g.const(sign, F32))
 
 
 def _mrope_angles(s: StageGraph, positions: str, T: int, D: int, inv_freq: np.ndarray) -> str:

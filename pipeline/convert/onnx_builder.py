@@ -29,6 +29,7 @@ class WeightStore:
     def __init__(self, directory: Path):
         self.directory = Path(directory)
         self.written: dict[str, TensorProto] = {}
+        self._digests: dict[str, str] = {}
         self.hasher = hashlib.sha256()
         self.file_digests: dict[str, str] = {}  # file name -> sha256 of all its bytes (padding included)
         self._file = None
@@ -56,6 +57,25 @@ class WeightStore:
         if key in self.written:
             return self.written[key]
         dtype = np.dtype(dtype)
+        offset, length = self._append(np.ascontiguousarray(chunk, dtype=dtype).tobytes() for chunk in chunks())
+        expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
+        assert length == expected, f"{key}: wrote {length} bytes, expected {expected}"
+        return self._external(key, NP_TO_ONNX[dtype], shape, offset, length)
+
+    def add_raw(self, tensor: TensorProto) -> TensorProto:
+        """A built tensor's bytes (any data type, int4 included), stored once per name: graphs that share a weights
+        file name the same tensor the same way (a name stored with other bytes is a bug, not a reuse)."""
+        data = tensor.raw_data
+        digest = hashlib.sha256(data).hexdigest()
+        if tensor.name in self.written:
+            if self._digests[tensor.name] != digest:
+                raise ValueError(f"{tensor.name}: two graphs of one stage hold different tensors of this name")
+            return self.written[tensor.name]
+        self._digests[tensor.name] = digest
+        offset, length = self._append([data])
+        return self._external(tensor.name, tensor.data_type, tuple(tensor.dims), offset, length)
+
+    def _append(self, pieces) -> tuple[int, int]:
         f = self._file
         f.seek(0, 2)
         offset = f.tell()
@@ -64,16 +84,16 @@ class WeightStore:
             self._write(b"\0" * pad)
             offset += pad
         length = 0
-        for chunk in chunks():
-            data = np.ascontiguousarray(chunk, dtype=dtype).tobytes()
+        for data in pieces:
             self.hasher.update(data)
             self._write(data)
             length += len(data)
-        expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
-        assert length == expected, f"{key}: wrote {length} bytes, expected {expected}"
+        return offset, length
+
+    def _external(self, key: str, data_type: int, shape, offset: int, length: int) -> TensorProto:
         t = TensorProto()
         t.name = key
-        t.data_type = NP_TO_ONNX[dtype]
+        t.data_type = data_type
         t.dims.extend(shape)
         t.data_location = TensorProto.EXTERNAL
         for k, v in (("location", self._file_name), ("offset", str(offset)), ("length", str(length))):

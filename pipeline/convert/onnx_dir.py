@@ -50,7 +50,7 @@ def graph_spec(model: onnx.ModelProto, rel_file: str) -> GraphSpec:
                      inputs=_tensor_specs(model.graph.input), outputs=_tensor_specs(model.graph.output))
 
 
-def _share_weights(src: Path, dst: Path, copy: bool):
+def share_weights(src: Path, dst: Path, copy: bool):
     """Prefill and decode graphs share one weights file on disk through a hard link: onnxruntime refuses
     external data outside a graph's folder, so a '../' path cannot do it. onnx >= 1.21 in turn refuses to load
     weights from a file with several links (load_external_data=False still works): --copy_weights is for tools
@@ -91,7 +91,7 @@ def convert_with(options: ConvertOptions, log=print) -> Manifest:
     shutil.rmtree(tmp, ignore_errors=True)
     try:
         manifest = _write_onnx_dir(config, ranges, weights, tmp, o, log, vision)
-        _replace_dir(tmp, onnx_dir)
+        replace_dir(tmp, onnx_dir)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
@@ -99,10 +99,12 @@ def convert_with(options: ConvertOptions, log=print) -> Manifest:
     return manifest
 
 
-def _graph_sets(max_input_len: int, max_cache_len: int, windows: list[int]):
+def _graph_sets(max_input_len: int, max_cache_len: int, windows: list[int], cache_input: str = "whole",
+                rope_input: bool = False):
     """-> [(graph set, mode, shape)]: the full-cache sets (every stage) first, then one per smaller window
-    (block graphs only)."""
-    return [(graph_set(mode, w, max_cache_len), mode, GraphShape(T=T, W=w, C=max_cache_len))
+    (block graphs only), whose cache inputs hold the whole cache or (cache_input "window") their W slots."""
+    C = max_cache_len if cache_input == "whole" else 0
+    return [(graph_set(mode, w, max_cache_len), mode, GraphShape(T=T, W=w, C=C, rope_input=rope_input))
             for w in sorted(windows, reverse=True) for mode, T in zip(MODES, (max_input_len, 1))]
 
 
@@ -112,7 +114,7 @@ def _write_onnx_dir(config, ranges, weights, out: Path, o: ConvertOptions, log, 
         (out / mode).mkdir(parents=True)
     prec = Precision(compute=np.dtype(np.float16 if o.precision == "fp16" else np.float32), kv=np.dtype(o.kv_dtype),
                      weight_bits=PRECISIONS[o.precision])
-    graph_sets = _graph_sets(o.max_input_len, C, o.cache_windows)
+    graph_sets = _graph_sets(o.max_input_len, C, o.cache_windows, o.cache_input, o.rope_input)
     store = WeightStore(out / MODES[0])
     lookup = WeightSource(weights, store)
     builders = {"embed": lambda shape: build_embed(config, prec, shape, lookup)}
@@ -142,7 +144,7 @@ def _write_onnx_dir(config, ranges, weights, out: Path, o: ConvertOptions, log, 
             done += 1
             log(f"[{done}/{total}] {rel} ({time.perf_counter() - t0:.1f}s)")
         store.close()
-        _share_weights(out / weights_file(MODES[0], stage), out / weights_file(MODES[1], stage), o.copy_weights)
+        share_weights(out / weights_file(MODES[0], stage), out / weights_file(MODES[1], stage), o.copy_weights)
         for mode in MODES:
             written[weights_file(mode, stage)] = store.file_digests[Path(weights_file(MODES[0], stage)).name]
     graph_hash.update(store.hasher.digest())
@@ -157,7 +159,7 @@ def _write_onnx_dir(config, ranges, weights, out: Path, o: ConvertOptions, log, 
     manifest = Manifest(
         stagepipe_version=__version__, graph_format=GRAPH_FORMAT, model=config, precision=o.precision,
         kv_dtype=o.kv_dtype, max_input_len=o.max_input_len, max_cache_len=C, cache_windows=o.cache_windows,
-        mask_value=MASK_VALUE,
+        cache_input=o.cache_input, rope_input=o.rope_input, mask_value=MASK_VALUE,
         opset=OPSET,
         blocks=[BlockSpec(index=i, layer_start=s, layer_end=e) for i, (s, e) in enumerate(ranges)],
         graphs=graphs, source_path=str(model_path.resolve()), source_files=source_stat(files),
@@ -199,7 +201,7 @@ def _process_alive(pid: int) -> bool:
     return True
 
 
-def _replace_dir(new: Path, target: Path):
+def replace_dir(new: Path, target: Path):
     old = None
     if target.exists():
         old = target.parent / f".{target.name}.old-{os.getpid()}"

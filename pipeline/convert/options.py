@@ -37,6 +37,12 @@ class ConvertOptions:
     cache_windows: list[int] | None = option(
         None, "attention windows below C with their own block graphs: auto (C/8, C/4, C/2), none, or a list like "
               "128,256,512 (a step uses the smallest that holds past_len + its tokens)", parse=parse_cache_windows)
+    cache_input: str = option("whole", "what the block graphs of a smaller attention window take: whole (the "
+                                        "(Lk,1,KV,C,D) cache, their W slots sliced inside) or window (only their W "
+                                        "slots, (Lk,1,KV,W,D): the runtime hands them the slice)",
+                              choices=["whole", "window"])
+    rope_input: bool = option(False, "block graphs take the RoPE tables cos/sin (T, D) as inputs, which token_embed "
+                                     "computes (step files cos.npy, sin.npy): no Cos/Sin and no int64 in the blocks")
     image_size: int = option(448, "VL models: the image side in pixels the vision graphs take (a multiple of 28)")
     vision_blocks: int = option(4, "VL models: number of vision_block graphs the vision layers are split into")
     copy_weights: bool = option(False, "decode/*.data as copies instead of hard links to prefill's (onnx >= 1.21 "

@@ -37,11 +37,19 @@ def graph_paths(manifest: Manifest) -> list[str]:
     return sorted({p for g in specs for p in (g.file, *g.weights_files)})
 
 
+def with_file_records(manifest: Manifest, onnx_dir: Path) -> Manifest:
+    """The manifest with `files` recording the graphs and weights its graphs name, as they are in onnx_dir (for
+    tools that make an onnx_dir out of others': the records they copied are the sources')."""
+    paths = graph_paths(manifest)
+    return manifest.model_copy(update={"files": file_records(onnx_dir, {p: sha256_file(Path(onnx_dir) / p)
+                                                                        for p in paths})})
+
+
 def record(onnx_dir: Path) -> tuple[Manifest, Manifest]:
     """Hash the onnx_dir's files again and rewrite its manifest.json. -> (old, new manifest)."""
     onnx_dir = Path(onnx_dir)
     old = load_manifest(onnx_dir)
-    records = file_records(onnx_dir, {rel: sha256_file(onnx_dir / rel) for rel in graph_paths(old)})
+    records = with_file_records(old, onnx_dir).files
     unchanged = {rel: r.sha256 for rel, r in records.items()} == {rel: r.sha256 for rel, r in old.files.items()}
     fingerprint = old.graphs_fingerprint if unchanged else hashlib.sha256(
         "".join(f"{rel}:{r.sha256}\n" for rel, r in records.items()).encode()).hexdigest()

@@ -7,9 +7,11 @@ folder. Every other module imports these names; none spells them.
                 vision/ (VL models): vision_patch, vision_block<K>, vision_merger .onnx + .data
     run folder/ run.json, summary.json, .lock, .doit.db, kv_cache/, vision/ (image runs), step_0000/, ...
     step_NNNN/  meta.json, input_ids.npy, attention_mask.npy, position_ids.npy, hidden_block0..N.npy,
-                logits.npy, next_token_id.txt, next_token.txt
+                logits.npy, next_token_id.txt, next_token.txt (cos.npy, sin.npy: graphs with rope inputs)
     vision/     meta.json, pixel_patches.npy, vision_hidden0..N.npy, image_embeds.npy (the image step)
     kv_cache/   cache.json, past_key_block<K>.npy, past_value_block<K>.npy
+    run set/    run_set.json, set_summary.json, logs/run_NNNN.log, run_0000/, run_0001/, ... (run folders)
+    calibration/ calibration.json, <graph set>/sample_NNNN.npz or <graph set>/<input>/NNNN.npy + dataset.txt
 """
 from __future__ import annotations
 
@@ -113,6 +115,9 @@ LOGITS = "logits.npy"
 NEXT_TOKEN_ID = "next_token_id.txt"
 NEXT_TOKEN_TEXT = "next_token.txt"
 INPUT_FILES = (INPUT_IDS, ATTENTION_MASK, POSITION_IDS)
+# RoPE tables (T, D) of the step's positions, for block graphs that take them as inputs (convert --rope_input)
+ROPE_COS = "cos.npy"
+ROPE_SIN = "sin.npy"
 # a block's new K/V rows: not step files (they go into the cache slots), but named like them where tools report them
 PRESENT_KEY = "present_key"
 PRESENT_VALUE = "present_value"
@@ -177,6 +182,8 @@ class StepPaths:
     logits: Path | None = None
     next_token_file: Path | None = None
     next_token_text: Path | None = None
+    rope_cos: Path | None = None
+    rope_sin: Path | None = None
 
     def __post_init__(self):
         d = self.step_dir = Path(self.step_dir)
@@ -187,6 +194,8 @@ class StepPaths:
         self.logits = Path(self.logits or d / LOGITS)
         self.next_token_file = Path(self.next_token_file or d / NEXT_TOKEN_ID)
         self.next_token_text = Path(self.next_token_text or d / NEXT_TOKEN_TEXT)
+        self.rope_cos = Path(self.rope_cos or d / ROPE_COS)
+        self.rope_sin = Path(self.rope_sin or d / ROPE_SIN)
 
     def hidden(self, k: int) -> Path:
         return self.step_dir / hidden_file(k)
@@ -246,3 +255,42 @@ def kv_files(kv_dir: Path) -> list[Path]:
 
 def looks_like_kv_dir(path: Path) -> bool:
     return path.is_dir() and ((path / CACHE_JSON).is_file() or any(path.glob(kv_file("key", "*"))))
+
+
+# -- run set: one run folder per prompt ---------------------------------------------------------------------------
+RUN_SET_JSON = "run_set.json"
+SET_SUMMARY_JSON = "set_summary.json"
+SET_LOGS = "logs"
+_SET_RUN = re.compile(r"run_(\d{4,})")
+
+
+def set_run_name(i: int) -> str:
+    return f"run_{i:04d}"
+
+
+def set_log_file(i: int) -> str:
+    return f"{SET_LOGS}/run_{i:04d}.log"
+
+
+def set_run_dirs(root: Path) -> list[Path]:
+    """A run set's run folders in order; a single run folder given as a set is a set of one."""
+    root = Path(root)
+    if (root / RUN_JSON).is_file():
+        return [root]
+    found = [(int(m.group(1)), d) for d in root.iterdir() if d.is_dir() and (m := _SET_RUN.fullmatch(d.name))]
+    return [d for _, d in sorted(found)]
+
+
+# -- calibration data and quantized onnx_dirs ---------------------------------------------------------------------
+CALIBRATION_JSON = "calibration.json"
+CALIBRATION_LIST = "dataset.txt"  # npy-list format: one line per sample, its input files in graph input order
+QUANTIZE_REPORT = "quantize_report.json"
+MIXED_ASSIGNMENT = "assignment.json"
+
+
+def calibration_sample(i: int) -> str:
+    return f"sample_{i:04d}.npz"
+
+
+def calibration_npy(input_name: str, i: int) -> str:
+    return f"{input_name}/{i:04d}.npy"

@@ -22,10 +22,11 @@ from pathlib import Path
 from pipeline.core.errors import StagepipeError
 
 
-def option(default, help: str, *, parse=None, choices=None, flag: str | None = None):
+def option(default, help: str, *, parse=None, choices=None, flag: str | None = None, short: str | None = None):
     """A dataclass field that is also a command-line option. parse: str -> value (default: from the field's
-    type); choices: the allowed values; flag: the option's name when it differs from the field's."""
-    meta = {"help": help, "parse": parse, "choices": choices, "flag": flag}
+    type); choices: the allowed values; flag: the option's name when it differs from the field's; short: a
+    one-letter alias (-n)."""
+    meta = {"help": help, "parse": parse, "choices": choices, "flag": flag, "short": short}
     if isinstance(default, (list, dict)):
         return dataclasses.field(default_factory=lambda: type(default)(default), metadata=meta)
     return dataclasses.field(default=default, metadata=meta)
@@ -70,13 +71,13 @@ def add_arguments(parser: argparse.ArgumentParser, cls, skip=(), required=()):
     for f, hint in _fields(cls):
         if f.name in skip:
             continue
-        name = "--" + (f.metadata["flag"] or f.name)
+        names = ["--" + (f.metadata["flag"] or f.name)] + ([f"-{f.metadata['short']}"] if f.metadata["short"] else [])
         default, help_text = _default_of(f), f.metadata["help"]
         if _base_type(hint) is bool:
-            parser.add_argument(name, dest=f.name, action="store_true", help=help_text)
+            parser.add_argument(*names, dest=f.name, action="store_true", help=help_text)
             continue
         shown = f" (default: {default})" if default not in (None, "", []) else ""
-        parser.add_argument(name, dest=f.name, type=_parser_of(f, hint), default=default,
+        parser.add_argument(*names, dest=f.name, type=_parser_of(f, hint), default=default,
                             choices=f.metadata["choices"], required=f.name in required, help=help_text + shown)
 
 
@@ -89,8 +90,11 @@ def doit_params(cls, skip=()) -> list[dict]:
         default = _default_of(f)
         is_bool = _base_type(hint) is bool
         shown = f" (default: {default})" if default not in (None, "", [], False) else ""
-        params.append({"name": f.name, "long": f.metadata["flag"] or f.name, "default": default,
-                       "type": bool if is_bool else _parser_of(f, hint), "help": f.metadata["help"] + shown})
+        param = {"name": f.name, "long": f.metadata["flag"] or f.name, "default": default,
+                 "type": bool if is_bool else _parser_of(f, hint), "help": f.metadata["help"] + shown}
+        if f.metadata["short"]:
+            param["short"] = f.metadata["short"]
+        params.append(param)
     return params
 
 

@@ -47,12 +47,11 @@ def run_turns(run) -> int:
     return code
 
 
-def run_auto(options: RunOptions) -> int:
+def exit_code(work, *args) -> int:
+    """work(*args)'s exit code, bad input as one error line (2) and Ctrl-C as the interrupted line (130)."""
     try:
         with interruptible():
-            run = open_run(options)
-            run.prepare()
-            return run_turns(run)
+            return work(*args)
     except StagepipeError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -62,6 +61,15 @@ def run_auto(options: RunOptions) -> int:
     except KeyboardInterrupt:
         print(f"\n{INTERRUPTED}", file=sys.stderr, flush=True)
         return 130
+
+
+def run_auto(options: RunOptions) -> int:
+    def work():
+        run = open_run(options)
+        run.prepare()
+        return run_turns(run)
+
+    return exit_code(work)
 
 
 def main(argv=None) -> int:

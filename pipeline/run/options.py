@@ -47,6 +47,7 @@ class RunOptions:
                                  "(block2:DIR[,output:DIR2]; doit takes a bare NAME=VALUE word as its own variable)")
     stage_backend: str = option("", "hybrid run: these stages on another backend (block2:NAME[,...])")
     provider: str = option("cpu", "onnxruntime: cpu or cuda")
+    threads: int = option(0, "onnxruntime threads (0: one per core; runs side by side share the cores)")
     ignore_eos: bool = option(False, "do not stop at end of sequence")
     from_step: int = option(-1, "discard steps >= K and generate them again (-1: keep all)")
     clean: bool = option(False, "start the run folder over")

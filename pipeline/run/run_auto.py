@@ -133,7 +133,7 @@ class Run:
             o = self.options
 
             def make(name, onnx_dir, manifest):
-                return make_backend(name, onnx_dir, manifest, **stage_process_kwargs(name, o.provider))
+                return make_backend(name, onnx_dir, manifest, **stage_process_kwargs(name, o.provider, o.threads))
 
             self._backend = open_backend(make, o.backend, self.onnx_dir, self.manifest, self.routes)
         return self._backend
@@ -337,6 +337,7 @@ class Run:
         outputs = []
         if self.image:
             yield self.image.task(guard(self.vision), basename, self.options.backend)
+        rope_files = (layout.ROPE_COS, layout.ROPE_SIN) if m.rope_input else ()
         for s in range(self.n_steps):
             d, name = self.step_dir(s), step_name(s)
             turn = self.plan.turn_of(s)
@@ -356,11 +357,12 @@ class Run:
                            "onnx": m.graphs_fingerprint, "backend": self.options.backend}
             yield {"basename": basename, "name": f"{name}:embed", "actions": [guard(self.embed, s)],
                    "file_dep": deps, "verbosity": 2, "uptodate": [*stopped, redo("embed"), config_changed(step_config)],
-                   "targets": [str(d / f) for f in (*layout.INPUT_FILES, layout.hidden_file(0), layout.META)]}
+                   "targets": [str(d / f) for f in (*layout.INPUT_FILES, *rope_files, layout.hidden_file(0),
+                                                     layout.META)]}
             for k in range(blocks):
                 yield {"basename": basename, "name": f"{name}:block{k}", "actions": [guard(self.block, s, k)],
                        "file_dep": [str(d / layout.hidden_file(k)), str(d / layout.ATTENTION_MASK),
-                                    str(d / layout.POSITION_IDS), *history],
+                                    str(d / layout.POSITION_IDS), *(str(d / f) for f in rope_files), *history],
                        "targets": [str(d / layout.hidden_file(k + 1))], "uptodate": [*stopped, redo(f"block{k}")],
                        "verbosity": 2}
             targets = [str(d / layout.LOGITS)]

@@ -16,9 +16,12 @@ from pipeline.core.errors import StagepipeError
 from pipeline.core.jsonfile import load_manifest
 from pipeline.core.layout import VISION, graph_set, graph_set_window
 from pipeline.runtime.graph_files import GraphFiles
-from pipeline.runtime.plan import hidden_dtype, window_for
+from pipeline.runtime.plan import hidden_dtype, rope_tables, window_for
 from schemas.manifest import GraphSpec, Manifest
 from pipeline.core.layout import MODEL_CONFIG
+
+
+FLOAT_PRECISIONS = ("fp32", "fp16")  # graphs whose weights are plain float tensors
 
 
 class Backend:
@@ -31,9 +34,10 @@ class Backend:
     def embed(self, input_ids: np.ndarray) -> np.ndarray:
         raise NotImplementedError
 
-    def block(self, k: int, hidden, attention_mask, position_ids, past_key, past_value):
+    def block(self, k: int, hidden, attention_mask, position_ids, past_key, past_value, rope=None):
         """past_key/past_value: the block's (Lk,1,KV,C,D) cache; the step attends to its slots [0, W), W =
-        attention_mask.shape[3] - T, one of manifest.windows() (see block_window).
+        attention_mask.shape[3] - T, one of manifest.windows() (see block_window). rope: the step's (cos, sin)
+        tables (T, D), given for graphs that take them (manifest.rope_input); None: from position_ids.
         -> (hidden_states_out (1,T,H), present_key, present_value (Lk,1,KV,T,D))"""
         raise NotImplementedError
 
@@ -119,8 +123,9 @@ class OnnxBackend(Backend):
             opts = ort.SessionOptions()
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
             # plain MatMul/Gemm read the shared pages as they are; MatMulNBits (int8/int4) is fast only with its
-            # weights prepacked, and onnxruntime packs only weights it loads itself (not shared initializers)
-            share = self.providers[0] == "CPUExecutionProvider" and not self.manifest.nonstandard_ops
+            # weights prepacked, and onnxruntime packs only weights it loads itself (not shared initializers);
+            # QDQ graphs' int4 weights cannot be mapped as numpy arrays at all
+            share = self.providers[0] == "CPUExecutionProvider" and self.manifest.precision in FLOAT_PRECISIONS
             if share:
                 opts.add_session_config_entry("session.disable_prepacking", "1")
             # worker threads spin between the ops of a run (a decode block is hundreds of small ops) and stop when
@@ -151,14 +156,19 @@ class OnnxBackend(Backend):
     def embed(self, input_ids):
         return self._run("embed", input_ids.shape[1], {"input_ids": input_ids})[0]
 
-    def block(self, k, hidden, attention_mask, position_ids, past_key, past_value):
+    def block(self, k, hidden, attention_mask, position_ids, past_key, past_value, rope=None):
+        m = self.manifest
         graphs = self.block_graph_set(hidden.shape[1], self.block_window(hidden, attention_mask))
-        slots = next(i.shape[3] for i in self.manifest.graphs[graphs][f"block{k}"].inputs if i.name == "past_key")
-        if slots < past_key.shape[3]:  # graphs converted before whole-cache inputs take the window only
+        slots = next(i.shape[3] for i in m.graphs[graphs][f"block{k}"].inputs if i.name == "past_key")
+        if slots < past_key.shape[3]:  # window graphs that take only their slots (--cache_input window, or old)
             past_key, past_value = past_key[:, :, :, :slots], past_value[:, :, :, :slots]
         # the whole cache goes in as it is (onnxruntime reads the buffer, no copy); a window view is copied
-        feeds = {"hidden_states": hidden, "attention_mask": attention_mask, "position_ids": position_ids,
+        feeds = {"hidden_states": hidden, "attention_mask": attention_mask,
                  "past_key": np.ascontiguousarray(past_key), "past_value": np.ascontiguousarray(past_value)}
+        if m.rope_input:
+            feeds["cos"], feeds["sin"] = rope if rope is not None else rope_tables(m, position_ids)
+        else:
+            feeds["position_ids"] = position_ids
         return tuple(self.session(graphs, f"block{k}").run(None, feeds))
 
     def output(self, hidden):
@@ -194,8 +204,8 @@ class ReferenceBackend(Backend):
         self.mode_for(input_ids.shape[1])
         return self.model.embed(input_ids).astype(self.compute_dtype)
 
-    def block(self, k, hidden, attention_mask, position_ids, past_key, past_value):
-        window = self.block_window(hidden, attention_mask)
+    def block(self, k, hidden, attention_mask, position_ids, past_key, past_value, rope=None):
+        window = self.block_window(hidden, attention_mask)  # rope: computed here from position_ids
         self.block_graph_set(hidden.shape[1], window)
         b = self.manifest.blocks[k]
         return self.model.block(range(b.layer_start, b.layer_end), hidden, attention_mask, position_ids,
@@ -319,11 +329,13 @@ def backend_class(name: str) -> type[Backend]:
     return cls
 
 
-def stage_process_kwargs(name: str, provider: str = "cpu") -> dict:
+def stage_process_kwargs(name: str, provider: str = "cpu", threads: int = 0) -> dict:
     """make_backend arguments for a process that runs stages only (run_auto, the workbench tools): onnxruntime
-    backends (OnnxBackend and its subclasses) share the process's thread pool; once it exists, onnxruntime
-    refuses sessions with their own threads in the process."""
-    return {"provider": provider, "process_pool": True} if issubclass(backend_class(name), OnnxBackend) else {}
+    backends (OnnxBackend and its subclasses) share the process's thread pool (of `threads` threads, 0: one per
+    core); once it exists, onnxruntime refuses sessions with their own threads in the process."""
+    if not issubclass(backend_class(name), OnnxBackend):
+        return {}
+    return {"provider": provider, "process_pool": True, "threads": threads}
 
 
 def make_backend(name: str, onnx_dir: Path, manifest: Manifest | None = None, **kwargs) -> Backend:

@@ -138,11 +138,13 @@ class HybridBackend(Backend):
     def embed(self, input_ids):
         return self.backend_for("embed").embed(input_ids).astype(self._hidden, copy=False)
 
-    def block(self, k, hidden, attention_mask, position_ids, past_key, past_value):
+    def block(self, k, hidden, attention_mask, position_ids, past_key, past_value, rope=None):
         b = self.backend_for(f"block{k}")
         hd, kv = hidden_dtype(b.manifest), np.dtype(b.manifest.kv_dtype)
+        tables = {"rope": rope} if rope is not None else {}  # backends of their own need not know the argument
         out, present_key, present_value = b.block(k, hidden.astype(hd, copy=False), attention_mask, position_ids,
-                                                  past_key.astype(kv, copy=False), past_value.astype(kv, copy=False))
+                                                  past_key.astype(kv, copy=False), past_value.astype(kv, copy=False),
+                                                  **tables)
         return (out.astype(self._hidden, copy=False), present_key.astype(self._kv, copy=False),
                 present_value.astype(self._kv, copy=False))
 

@@ -87,3 +87,15 @@ def step_inputs(token_ids, past_len: int, T: int, W: int, mask_value: float, pad
 def plan_inputs(plan: StepPlan, token_ids, mask_value: float):
     """step_inputs for a planned step."""
     return step_inputs(token_ids, plan.past_len, plan.T, plan.W, mask_value)
+
+
+def rope_tables(manifest, position_ids: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """cos, sin (T, D) float32 of a step's positions (1, T) (M-RoPE: (3, 1, T)), as transformers computes them:
+    what block graphs converted with --rope_input take in place of position_ids (token_embed writes them as cos.npy,
+    sin.npy)."""
+    from pipeline.runtime.reference import mrope_cos_sin, rope_cos_sin
+
+    c = manifest.model
+    if c.mrope_section:
+        return mrope_cos_sin(position_ids[:, 0], c.head_dim, c.rope_theta, c.mrope_section)
+    return rope_cos_sin(position_ids[0], c.head_dim, c.rope_theta)

@@ -20,7 +20,7 @@ from pipeline.core.layout import (META, StepPaths, hidden_file, read_token_file,
                                    token_file_text)
 from pipeline.runtime.kv_cache import slots_digest, store_slots
 from pipeline.runtime.mrope import MropeStep
-from pipeline.runtime.plan import StepPlan, hidden_dtype, plan_inputs, plan_step, position_ids_shape
+from pipeline.runtime.plan import StepPlan, hidden_dtype, plan_inputs, plan_step, position_ids_shape, rope_tables
 from pipeline.runtime.sampling import check_sampling, sample
 from pipeline.core.tensors import digest, file_digest, parse_tensor, read_file
 from pipeline.core.jsonfile import load_model_file
@@ -181,7 +181,9 @@ def token_embed(backend: Backend, paths: StepPaths, step: int, past_len: int, to
                     sample_next=sample_next, history=history, position_delta=mrope.delta if mrope else None)
     old = readable_meta(paths.meta)
     same_step = old is not None and step_identity(old) == step_identity(meta)
-    outputs = (paths.input_ids, paths.attention_mask, paths.position_ids, hidden_out)
+    outputs = [paths.input_ids, paths.attention_mask, paths.position_ids, hidden_out]
+    if m.rope_input:  # the block graphs take the RoPE tables: they are this step's inputs too
+        outputs += [paths.rope_cos, paths.rope_sin]
     if same_step and _trusted(old, "embed", inputs_digest, paths, on_skip, "the tensors it wrote",
                               wanted=[record_key(paths, p) for p in outputs]):
         return old
@@ -189,8 +191,8 @@ def token_embed(backend: Backend, paths: StepPaths, step: int, past_len: int, to
     hidden = backend.embed(input_ids)
     if mrope is not None:  # the embed graph is the text model's; image rows and 3-D positions are set here
         positions, hidden = mrope.apply(plan, token_ids, hidden)
-    written = {record_key(paths, path): write_npy(path, arr)
-               for path, arr in zip(outputs, (input_ids, mask, positions, hidden))}
+    arrays = [input_ids, mask, positions, hidden, *(rope_tables(m, positions) if m.rope_input else ())]
+    written = {record_key(paths, path): write_npy(path, arr) for path, arr in zip(outputs, arrays)}
     written[META] = step_identity(meta)
     record = StageRecord(seconds=time.perf_counter() - started, inputs_digest=inputs_digest, outputs=written)
     if same_step:  # the later stages' records stay: each is checked against its own inputs and outputs
@@ -229,6 +231,9 @@ def block(backend: Backend, paths: StepPaths, k: int, past_key: np.ndarray, past
     raw = {"hidden states": read_file(hidden_in, "hidden states"),  # read once: for the digest and the arrays
            "attention mask": read_file(paths.attention_mask, "attention mask"),
            "position ids": read_file(paths.position_ids, "position ids")}
+    if m.rope_input:
+        raw.update({f"RoPE {n}": read_file(path, f"RoPE {n}") for n, path in (("cos", paths.rope_cos),
+                                                                             ("sin", paths.rope_sin))})
     inputs_digest = digest(*raw.values(), meta.history)
     slots = f"{hidden_out.name} and cache slots {meta.past_len}..{meta.next_past_len - 1}"
     if _trusted(meta, name, inputs_digest, paths, on_skip, slots, (past_key, past_value),
@@ -240,7 +245,12 @@ def block(backend: Backend, paths: StepPaths, k: int, past_key: np.ndarray, past
     mask = parse_tensor(raw["attention mask"], paths.attention_mask, (1, 1, T, W + T), np.float32, "attention mask")
     positions = parse_tensor(raw["position ids"], paths.position_ids, position_ids_shape(m, T), np.int64,
                              "position ids")
-    out, present_key, present_value = backend.block(k, hidden, mask, positions, past_key, past_value)
+    tables = {}
+    if m.rope_input:  # only then: a backend of your own need not know the argument
+        D = m.model.head_dim
+        tables["rope"] = tuple(parse_tensor(raw[f"RoPE {n}"], path, (T, D), np.float32, f"RoPE {n}")
+                               for n, path in (("cos", paths.rope_cos), ("sin", paths.rope_sin)))
+    out, present_key, present_value = backend.block(k, hidden, mask, positions, past_key, past_value, **tables)
     store_slots(past_key, meta.past_len, meta.q_len, present_key)
     store_slots(past_value, meta.past_len, meta.q_len, present_value)
     written = {record_key(paths, hidden_out): write_npy(hidden_out, out)}
