@@ -1,6 +1,7 @@
 """Load a step's tensors with one clear error line for a missing, truncated or wrong-shape file."""
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import re
@@ -93,9 +94,15 @@ def sha256_file(path: Path) -> str:
 
 
 def npy_header(shape, dtype) -> bytes:
-    """The header np.save writes before the data of a C-order array of this shape and dtype."""
+    """The header np.save writes before the data of a C-order array of this shape and dtype (made once per
+    shape and dtype: a decode step writes the same few shapes every time)."""
+    return _npy_header(tuple(int(n) for n in shape), np.dtype(dtype).str)
+
+
+@functools.lru_cache(maxsize=256)
+def _npy_header(shape: tuple, dtype: str) -> bytes:
     buf = io.BytesIO()
-    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": tuple(shape)}
+    header = {"descr": np.lib.format.dtype_to_descr(np.dtype(dtype)), "fortran_order": False, "shape": shape}
     np.lib.format.write_array_header_1_0(buf, header)
     return buf.getvalue()
 

@@ -10,6 +10,7 @@ is found before it is trusted.
 """
 from __future__ import annotations
 
+import ctypes
 import errno
 import os
 import shutil
@@ -84,6 +85,19 @@ class KVCacheDir:
                                  "run's kv_cache folder")
         return self
 
+    def recycle(self):
+        """--clean: the cache starts over without its files being deleted and made again (on a busy disk that
+        churn slowed the steps after it): files that fit these graphs are zeroed in place; a cache that does not
+        fit is removed (the run makes a new one)."""
+        try:
+            self.open()
+        except StagepipeError:
+            shutil.rmtree(self.dir, ignore_errors=True)
+            return
+        for (kind, k), arr in self._maps.items():
+            zero_data(self.path(kind, k), arr.offset, arr.nbytes)
+        self._maps.clear()
+
     def _map(self, kind: str, k: int) -> np.memmap:
         key = (kind, k)
         if key not in self._maps:
@@ -107,14 +121,35 @@ class KVCacheDir:
 
 
 def create_cache_file(path: Path, shape, dtype):
-    """A zeroed cache file, every block allocated now: a full disk fails here, not as a SIGBUS when a step
-    writes into a hole of a sparse file."""
+    """A zeroed cache file, every block allocated now (fallocate): a full disk fails here, not as a SIGBUS when a
+    step writes into a hole of a sparse file."""
     header = npy_header(shape, dtype)
     size = len(header) + int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
     with atomic_open(path) as f:
         f.write(header)
         f.flush()
         os.posix_fallocate(f.fileno(), 0, size)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_ZERO_RANGE = 0x01, 0x10
+_ZEROS = bytes(1 << 20)
+
+
+def zero_data(path: Path, offset: int, nbytes: int):
+    """Zero bytes [offset, offset+nbytes) of a file in place, keeping its blocks allocated: fallocate's
+    ZERO_RANGE (no data written) where the filesystem has it, else zeros written."""
+    fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+    try:
+        fallocate = _libc.fallocate
+        fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
+        if fallocate(fd, _FALLOC_FL_ZERO_RANGE | _FALLOC_FL_KEEP_SIZE, offset, nbytes) != 0:
+            for start in range(0, nbytes, len(_ZEROS)):
+                os.pwrite(fd, _ZEROS[:min(len(_ZEROS), nbytes - start)], offset + start)
+    except OSError as e:
+        raise with_filename(e, path) from None
+    finally:
+        os.close(fd)
 
 
 def open_cache_file(path: Path, shape, dtype, follow_symlinks: bool = False) -> np.memmap:
