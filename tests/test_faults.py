@@ -263,3 +263,22 @@ def test_an_onnx_dir_changed_on_purpose_is_recorded_with_a_new_fingerprint(sandb
     assert new.graphs_fingerprint != old.graphs_fingerprint  # runs made with the old weights are told apart
     GraphFiles(onnx, load_manifest(onnx)).check("decode/output.data")
     assert record(onnx)[1].graphs_fingerprint == new.graphs_fingerprint  # nothing changed since: the same
+
+
+def test_clean_zeroes_a_fitting_cache_in_place_and_removes_one_that_does_not_fit(sandbox, tmp_path):
+    from pipeline.core.jsonfile import load_manifest
+    from pipeline.runtime.kv_cache import KVCacheDir
+
+    m = load_manifest(sandbox.onnx)
+    kv_dir = tmp_path / "kv_cache"
+    kv = KVCacheDir(kv_dir, m).open(create=True)
+    key, _ = kv.past(0)
+    key[:] = 1.5
+    kv.flush()
+    inode = (kv_dir / "past_key_block0.npy").stat().st_ino
+    KVCacheDir(kv_dir, m).recycle()
+    assert (kv_dir / "past_key_block0.npy").stat().st_ino == inode  # the same file, not deleted and made again
+    assert not np.load(kv_dir / "past_key_block0.npy").any()
+    fc._truncate(kv_dir / "past_value_block1.npy")  # a cache that does not fit: removed, the run makes a new one
+    KVCacheDir(kv_dir, m).recycle()
+    assert not kv_dir.exists()
