@@ -190,13 +190,25 @@ def test_a_stage_rerun_by_hand_says_why_it_did_nothing_and_redoes_damaged_work(s
     assert not said and paths.logits.read_bytes() == (sandbox.reference / "step_0003" / "logits.npy").read_bytes()
 
 
-def test_cache_files_are_allocated_and_never_resized(tmp_path):
-    from pipeline.runtime.kv_cache import create_cache_file, open_cache_file
+def test_a_step_allocates_its_cache_slots_before_writing_and_files_are_never_resized(tmp_path):
+    from pipeline.runtime.kv_cache import (RESERVE_AHEAD, create_cache_file, open_cache_file, reserve_slots,
+                                           store_slots)
 
-    path, shape = tmp_path / "k.npy", (2, 1, 2, 64, 16)
+    path, shape = tmp_path / "k.npy", (2, 1, 2, 512, 16)
     create_cache_file(path, shape, "float32")
-    size = path.stat().st_size
-    assert path.stat().st_blocks * 512 >= size  # no holes: a full disk fails here, not as a SIGBUS later
+    size, mtime = path.stat().st_size, path.stat().st_mtime_ns
+    assert path.stat().st_blocks * 512 < size // 4  # sparse: nothing allocated yet
+    cache = open_cache_file(path, shape, "float32")
+    reserve_slots(cache, 3)  # what store_slots does first
+    slot_bytes = 16 * 4
+    # the blocks behind slots [0, 3 + RESERVE_AHEAD) of each of the 4 (layer, head) rows: a full disk fails there
+    # with an error naming the file, never as a SIGBUS when the write lands in a hole
+    assert path.stat().st_blocks * 512 >= 4 * (3 + RESERVE_AHEAD) * slot_bytes
+    assert path.stat().st_mtime_ns == mtime  # allocating changed no byte
+    store_slots(cache, 0, 3, np.ones((2, 1, 2, 8, 16), np.float32))
+    cache.flush()
+    assert np.load(path)[:, :, :, :3].sum() == 2 * 2 * 3 * 16 and not np.load(path)[:, :, :, 3:].any()
+    del cache
     os.truncate(path, size - 100)
     with pytest.raises(StagepipeError, match=r"has \d+ bytes, its header says \d+ \(truncated or damaged\)"):
         open_cache_file(path, shape, "float32")
@@ -263,22 +275,3 @@ def test_an_onnx_dir_changed_on_purpose_is_recorded_with_a_new_fingerprint(sandb
     assert new.graphs_fingerprint != old.graphs_fingerprint  # runs made with the old weights are told apart
     GraphFiles(onnx, load_manifest(onnx)).check("decode/output.data")
     assert record(onnx)[1].graphs_fingerprint == new.graphs_fingerprint  # nothing changed since: the same
-
-
-def test_clean_zeroes_a_fitting_cache_in_place_and_removes_one_that_does_not_fit(sandbox, tmp_path):
-    from pipeline.core.jsonfile import load_manifest
-    from pipeline.runtime.kv_cache import KVCacheDir
-
-    m = load_manifest(sandbox.onnx)
-    kv_dir = tmp_path / "kv_cache"
-    kv = KVCacheDir(kv_dir, m).open(create=True)
-    key, _ = kv.past(0)
-    key[:] = 1.5
-    kv.flush()
-    inode = (kv_dir / "past_key_block0.npy").stat().st_ino
-    KVCacheDir(kv_dir, m).recycle()
-    assert (kv_dir / "past_key_block0.npy").stat().st_ino == inode  # the same file, not deleted and made again
-    assert not np.load(kv_dir / "past_key_block0.npy").any()
-    fc._truncate(kv_dir / "past_value_block1.npy")  # a cache that does not fit: removed, the run makes a new one
-    KVCacheDir(kv_dir, m).recycle()
-    assert not kv_dir.exists()

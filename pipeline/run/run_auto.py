@@ -173,9 +173,7 @@ class Run:
         run_json = self.dir / layout.RUN_JSON
         if o.clean:
             for child in self.dir.iterdir():
-                if child.name == layout.KV_DIR and child.is_dir() and not child.is_symlink():
-                    KVCacheDir(child, self.manifest).recycle()  # zeroed in place, not deleted and made again
-                elif child.name != layout.LOCK_FILE and not child.name.startswith(layout.DOIT_DB):
+                if child.name != layout.LOCK_FILE and not child.name.startswith(layout.DOIT_DB):
                     shutil.rmtree(child) if child.is_dir() and not child.is_symlink() else child.unlink()
         verify.refuse_links(self.dir)
         verify.remove_temp_files(self.dir)  # a write cut short by a crash (kill -9) leaves its temp file

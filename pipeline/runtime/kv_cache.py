@@ -2,15 +2,16 @@
 
 Files are memory-mapped: a step reads them in place and writes only its own slots [past_len, past_len+q_len),
 so a decode step never loads or rewrites whole files. cache.json binds the files to the graphs that filled
-them; a cache from other graphs is refused, never silently replaced. Files are allocated in full when created
-(no sparse holes: a full disk is one error line up front, never a SIGBUS mid-step), a file of another size than
+them; a cache from other graphs is refused, never silently replaced. Files are sparse; the blocks behind the
+slots a step writes are allocated before it writes them (reserve_slots: a full disk is one error line naming the
+file, never a SIGBUS mid-step; allocating every block up front slowed steps ~10% on an ext4 VM disk), a
+file of another size than
 its header says is refused (never resized), and a symbolic link in place of a file is refused (writes never
 leave the folder). Each block stage records a digest of the slots it wrote (slots_digest), so a damaged cache
 is found before it is trusted.
 """
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import shutil
@@ -85,19 +86,6 @@ class KVCacheDir:
                                  "run's kv_cache folder")
         return self
 
-    def recycle(self):
-        """--clean: the cache starts over without its files being deleted and made again (on a busy disk that
-        churn slowed the steps after it): files that fit these graphs are zeroed in place; a cache that does not
-        fit is removed (the run makes a new one)."""
-        try:
-            self.open()
-        except StagepipeError:
-            shutil.rmtree(self.dir, ignore_errors=True)
-            return
-        for (kind, k), arr in self._maps.items():
-            zero_data(self.path(kind, k), arr.offset, arr.nbytes)
-        self._maps.clear()
-
     def _map(self, kind: str, k: int) -> np.memmap:
         key = (kind, k)
         if key not in self._maps:
@@ -121,35 +109,12 @@ class KVCacheDir:
 
 
 def create_cache_file(path: Path, shape, dtype):
-    """A zeroed cache file, every block allocated now (fallocate): a full disk fails here, not as a SIGBUS when a
-    step writes into a hole of a sparse file."""
+    """A zeroed cache file. Sparse: the blocks behind the slots a step writes are allocated before it writes
+    them (reserve_slots), not the whole file up front."""
     header = npy_header(shape, dtype)
-    size = len(header) + int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize
     with atomic_open(path) as f:
         f.write(header)
-        f.flush()
-        os.posix_fallocate(f.fileno(), 0, size)
-
-
-_libc = ctypes.CDLL(None, use_errno=True)
-_FALLOC_FL_KEEP_SIZE, _FALLOC_FL_ZERO_RANGE = 0x01, 0x10
-_ZEROS = bytes(1 << 20)
-
-
-def zero_data(path: Path, offset: int, nbytes: int):
-    """Zero bytes [offset, offset+nbytes) of a file in place, keeping its blocks allocated: fallocate's
-    ZERO_RANGE (no data written) where the filesystem has it, else zeros written."""
-    fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
-    try:
-        fallocate = _libc.fallocate
-        fallocate.argtypes = [ctypes.c_int, ctypes.c_int, ctypes.c_int64, ctypes.c_int64]
-        if fallocate(fd, _FALLOC_FL_ZERO_RANGE | _FALLOC_FL_KEEP_SIZE, offset, nbytes) != 0:
-            for start in range(0, nbytes, len(_ZEROS)):
-                os.pwrite(fd, _ZEROS[:min(len(_ZEROS), nbytes - start)], offset + start)
-    except OSError as e:
-        raise with_filename(e, path) from None
-    finally:
-        os.close(fd)
+        f.truncate(len(header) + int(np.prod(shape, dtype=np.int64)) * np.dtype(dtype).itemsize)
 
 
 def open_cache_file(path: Path, shape, dtype, follow_symlinks: bool = False) -> np.memmap:
@@ -185,11 +150,6 @@ def open_cache_file(path: Path, shape, dtype, follow_symlinks: bool = False) -> 
         if st.st_size != offset + nbytes:
             raise StagepipeError(f"{path}: KV cache file has {st.st_size} bytes, its header says {offset + nbytes} "
                                  f"(truncated or damaged); {fix}")
-        if st.st_blocks * 512 < st.st_size:  # holes (a file written sparse by an older stagepipe): fill them now
-            try:  # (only then: fallocate sets the file's mtime)
-                os.posix_fallocate(fd, offset, nbytes)
-            except OSError as e:
-                raise with_filename(e, path) from None
         return np.memmap(f, dtype=np.dtype(dtype), mode="r+", offset=offset, shape=tuple(shape))
 
 
@@ -197,7 +157,37 @@ def store_slots(cache: np.ndarray, past_len: int, q_len: int, present: np.ndarra
     C = cache.shape[3]
     if past_len + q_len > C:
         raise StagepipeError(f"writing slots {past_len}..{past_len + q_len - 1} would pass the {C}-slot KV cache")
+    reserve_slots(cache, past_len + q_len)
     cache[:, :, :, past_len:past_len + q_len] = present[:, :, :, :q_len]
+
+
+RESERVE_AHEAD = 128  # slots: a decode step allocates nothing, one in RESERVE_AHEAD allocates for those that follow
+_reserved: dict[tuple[int, int], int] = {}  # (device, inode) of a cache file -> slots [0, n) allocated
+
+
+def reserve_slots(cache: np.ndarray, stop: int):
+    """Allocate the file blocks behind slots [0, stop) (and RESERVE_AHEAD more) of every layer and head of a
+    memory-mapped cache file before a step writes into them: on a full disk a write into a hole of the sparse
+    file is a SIGBUS; here it is an error naming the file. Allocating keeps the content (zeros) and the mtime."""
+    path = getattr(cache, "filename", None)
+    if path is None:
+        return  # an array in memory
+    st = os.stat(path)
+    if _reserved.get((st.st_dev, st.st_ino), 0) >= stop:
+        return
+    Lk, _, KV, C, D = cache.shape
+    slot = D * cache.dtype.itemsize
+    upto = min(C, stop + RESERVE_AHEAD)
+    fd = os.open(path, os.O_RDWR | os.O_NOFOLLOW)
+    try:
+        for row in range(Lk * KV):
+            os.posix_fallocate(fd, cache.offset + row * C * slot, upto * slot)
+        os.utime(fd, ns=(st.st_atime_ns, st.st_mtime_ns))
+    except OSError as e:
+        raise with_filename(e, path) from None
+    finally:
+        os.close(fd)
+    _reserved[st.st_dev, st.st_ino] = upto
 
 
 def slots_digest(past_key: np.ndarray, past_value: np.ndarray, past_len: int, q_len: int) -> str:
