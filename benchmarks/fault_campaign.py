@@ -221,10 +221,12 @@ def kill_once(sb: Sandbox, run_dir: Path, rng: random.Random, signals, n_chunks:
     record_saved = _fresh(run_dir / ".doit.db", t0)
     out, err = proc.communicate(timeout=600)
     clean = "Traceback" not in out + err
-    if sig_name == "SIGINT" and fired and proc.returncode != -signal.SIGINT:
-        # Ctrl-C gets its line and exit code 130; only while the interpreter starts or exits (no stagepipe
-        # code running, nothing printed) does the process end by the signal itself, which shells report as 130
-        clean = clean and proc.returncode in (0, 130) and (proc.returncode == 0 or last_error(proc, err) == INTERRUPTED)
+    expected = {"SIGINT": 130, "SIGTERM": 143}.get(sig_name)
+    if expected and fired and proc.returncode != -SIGNALS[sig_name]:
+        # Ctrl-C and SIGTERM get their line and exit code 130 / 143; only while the interpreter starts or exits
+        # (no stagepipe code running, nothing printed) does the process end by the signal itself
+        clean = clean and proc.returncode in (0, expected) and (proc.returncode == 0 or
+                                                                 last_error(proc, err) == INTERRUPTED)
     return {"phase": phase, "signal": sig_name, "killed": fired and proc.returncode != 0, "rc": proc.returncode,
             "clean_exit": clean, "record_saved_before_kill": record_saved, "stderr_tail": last_error(proc, err)}
 
@@ -540,7 +542,7 @@ def summary_text(f: dict) -> str:
         f"  chains whose next run was identical to the uninterrupted run: {finals['identical']}/{k['chains']}; "
         f"clear error {finals['clear error']}; silently different {finals['silently different']}; "
         f"other {finals['other']}",
-        f"  killed runs with a traceback (or a Ctrl-C without its line and exit code 130): "
+        f"  killed runs with a traceback (or a Ctrl-C or SIGTERM without its line and exit code 130 or 143): "
         f"{k['killed_runs_with_traceback_or_unclean_sigint']}",
         f"damage cases: {d['cases']}: identical {damage['identical']}, clear error {damage['clear error']}, "
         f"edit followed with a note {damage['edit followed, with a note']}, traceback {damage['traceback']}, "

@@ -123,16 +123,17 @@ def test_a_kill_while_the_record_is_written_leaves_it_readable(tmp_path, backend
         assert unreadable > 0, "the harness did not catch doit's json backend mid-write; it proves nothing"
 
 
-def test_ctrl_c_is_one_line_and_exit_130_then_the_run_resumes(sandbox, tmp_path):
+@pytest.mark.parametrize("sig,code", [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_ctrl_c_or_sigterm_is_one_line_then_the_run_resumes(sandbox, tmp_path, sig, code):
     run_dir = tmp_path / "run"
     proc = sandbox.spawn(run_dir)
     deadline = time.time() + 120
     while not (run_dir / "step_0002" / "hidden_block1.npy").exists():
         assert proc.poll() is None and time.time() < deadline
         time.sleep(0.002)
-    proc.send_signal(signal.SIGINT)
+    proc.send_signal(sig)
     out, err = proc.communicate(timeout=120)
-    assert proc.returncode == 130 and "Traceback" not in out + err
+    assert proc.returncode == code and "Traceback" not in out + err
     assert err.strip().splitlines()[-1] == "interrupted; run the same command to resume"
     assert fc.classify(sandbox.run(run_dir), run_dir, sandbox) == "identical"
 

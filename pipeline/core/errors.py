@@ -2,7 +2,7 @@
 
 Exit codes of every command: 0 done; 1 a check failed (or an unexpected failure, named in one line);
 2 bad input, a damaged folder, or a file the system refused (full disk, permissions, read-only folder);
-130 interrupted (Ctrl-C): finished work is kept, the same command resumes.
+130 interrupted (Ctrl-C; 143 for SIGTERM): finished work is kept, the same command resumes.
 """
 from __future__ import annotations
 

@@ -7,7 +7,7 @@ import sys
 from pathlib import Path
 
 from pipeline.core.errors import INTERRUPTED, StagepipeError, os_error_text
-from pipeline.run.interrupts import interruptible
+from pipeline.run.interrupts import TERMINATED_EXIT, Terminated, interruptible
 from pipeline.run.options import RunOptions
 
 
@@ -61,6 +61,9 @@ def exit_code(work, *args) -> int:
     except KeyboardInterrupt:
         print(f"\n{INTERRUPTED}", file=sys.stderr, flush=True)
         return 130
+    except Terminated:
+        print(f"\n{INTERRUPTED}", file=sys.stderr, flush=True)
+        return TERMINATED_EXIT
 
 
 def run_auto(options: RunOptions) -> int:
