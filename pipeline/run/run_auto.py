@@ -11,10 +11,7 @@ from __future__ import annotations
 
 import shutil
 import sys
-import time
 from pathlib import Path
-
-from doit.tools import config_changed
 
 from pipeline.core import layout
 from pipeline.core.atomic import fsync_folder, fsync_path, write_text
@@ -22,11 +19,13 @@ from pipeline.core.errors import StagepipeError
 from pipeline.core.jsonfile import load_manifest, load_model_file
 from pipeline.core.layout import StepPaths, read_token_file, step_name
 from pipeline.run import conversation
+from pipeline.run.display import Progress, completed_steps, print_summary_line, prompt_preview
 from pipeline.run.image_run import ImageStep
 from pipeline.run.lock import lock_run_dir
 from pipeline.run import verify
 from pipeline.run.options import RunOptions
 from pipeline.run.summary import build_summary, turn_result
+from pipeline.run.task_graph import step_tasks
 from pipeline.run.turns import plan_turns
 from pipeline.runtime import stage_ops
 from pipeline.runtime.backends import make_backend, stage_process_kwargs
@@ -331,92 +330,5 @@ class Run:
 
     # -- doit tasks ----------------------------------------------------------------------------------------------
     def tasks(self, guard, basename: str = "run_auto"):
-        """doit task dicts: embed/block{k}/output per step, then summary. guard(fn, *args) makes an action."""
-        m = self.manifest
-        blocks = len(m.blocks)
-        outputs = []
-        if self.image:
-            yield self.image.task(guard(self.vision), basename, self.options.backend)
-        rope_files = (layout.ROPE_COS, layout.ROPE_SIN) if m.rope_input else ()
-        for s in range(self.n_steps):
-            d, name = self.step_dir(s), step_name(s)
-            turn = self.plan.turn_of(s)
-            chunk = turn.chunk(s)
-            stopped = (lambda s=s: False if self.stopped_before(s) else None,)
-
-            def redo(stage, s=s):  # doit runs a stage whose recorded work verify found not to hold
-                return lambda: False if (s, stage) in self.redo else None
-            # the previous step's last hidden states stand for the cache content (stage_ops.history_of)
-            history = [str(stage_ops.final_hidden(self.step_dir(s - 1), m))] if s else []
-            deps = list(history)
-            if chunk is None:
-                deps.append(str(self.step_dir(s - 1) / layout.NEXT_TOKEN_ID))
-            elif self.image and turn.index == 0:
-                deps.append(self.image.embeds_file)
-            step_config = {"tokens": chunk if chunk is not None else "previous", "past_len": turn.past_len_at(s),
-                           "onnx": m.graphs_fingerprint, "backend": self.options.backend}
-            yield {"basename": basename, "name": f"{name}:embed", "actions": [guard(self.embed, s)],
-                   "file_dep": deps, "verbosity": 2, "uptodate": [*stopped, redo("embed"), config_changed(step_config)],
-                   "targets": [str(d / f) for f in (*layout.INPUT_FILES, *rope_files, layout.hidden_file(0),
-                                                     layout.META)]}
-            for k in range(blocks):
-                yield {"basename": basename, "name": f"{name}:block{k}", "actions": [guard(self.block, s, k)],
-                       "file_dep": [str(d / layout.hidden_file(k)), str(d / layout.ATTENTION_MASK),
-                                    str(d / layout.POSITION_IDS), *(str(d / f) for f in rope_files), *history],
-                       "targets": [str(d / layout.hidden_file(k + 1))], "uptodate": [*stopped, redo(f"block{k}")],
-                       "verbosity": 2}
-            targets = [str(d / layout.LOGITS)]
-            if s >= turn.first_sampling_step:
-                targets += [str(d / layout.NEXT_TOKEN_ID), str(d / layout.NEXT_TOKEN_TEXT)]
-            yield {"basename": basename, "name": f"{name}:output", "actions": [guard(self.output, s)],
-                   "file_dep": [str(d / layout.hidden_file(blocks)), *history], "targets": targets,
-                   "uptodate": [*stopped, redo("output")], "verbosity": 2}
-            outputs.append(f"{basename}:{name}:output")
-        yield {"basename": basename, "name": "summary", "actions": [guard(self.summarize)], "task_dep": outputs,
-               "uptodate": [False], "verbosity": 2}
-
-
-def print_summary_line(run: Run, summary):
-    turn = f"turn {len(run.plan.turns) - 1}: " if len(run.plan.turns) > 1 else ""
-    tokens = f"{summary.steps} steps, {len(summary.generated_token_ids)} new tokens, stop: {summary.stop_reason}"
-    if not run.new_steps:
-        print(f"[{run.dir}: {turn}already complete: {tokens}; its text is in {layout.SUMMARY_JSON}]", flush=True)
-        return
-    rate = f"{summary.decode_tokens_per_s:.1f} tokens/s decode" if summary.decode_tokens_per_s else "no decode"
-    ttft = f"{summary.time_to_first_token_s:.3f}s" if summary.time_to_first_token_s is not None else "-"
-    print(f"\n[{run.dir}: {turn}{tokens}, first token {ttft}, {rate}]", flush=True)
-
-
-def completed_steps(run: Run) -> int:
-    """How many steps from step_0000 on have their output written (what a rerun does not redo)."""
-    done = 0
-    while done < run.n_steps and (run.step_dir(done) / layout.LOGITS).exists() and \
-            (run.step_dir(done) / layout.META).exists():
-        done += 1
-    return done
-
-
-def prompt_preview(text: str, keep: int = 300) -> str:
-    """The prompt as shown before the reply: whole, or its start and end when it is long."""
-    if len(text) <= 2 * keep:
-        return text
-    return f"{text[:keep]} [... {len(text) - 2 * keep} characters ...] {text[-keep:]}"
-
-
-class Progress:
-    """Progress on stderr: prefill chunks as they finish, and for long runs every 64 decode steps with the
-    rate so far. The reply itself streams to stdout."""
-
-    def __init__(self, every: int = 64):
-        self.every, self.started, self.tokens = every, None, 0
-
-    def prefill(self, done: int, total: int):
-        if total >= 4 and (done % max(1, total // 8) == 0 or done == total - 1):
-            print(f"[prefill {done}/{total} chunks]", file=sys.stderr, flush=True)
-
-    def token(self, step: int, planned: int):
-        self.started = self.started or time.perf_counter()
-        self.tokens += 1
-        if planned > self.every and self.tokens % self.every == 0:
-            rate = self.tokens / max(time.perf_counter() - self.started, 1e-9)
-            print(f"\n[step {step + 1}/{planned}, {rate:.1f} tokens/s]", file=sys.stderr, flush=True)
+        """doit task dicts: embed/block{k}/output per step, then summary (pipeline/run/task_graph.py)."""
+        return step_tasks(self, guard, basename)
