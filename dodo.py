@@ -69,7 +69,7 @@ def task_convert(**params):
 
 
 def task_demo_model():
-    """Write the random-weight demo Qwen3 checkpoint (real Qwen tokenizer) to models/demo-qwen3."""
+    """Write the trained demo Qwen3 checkpoint (real Qwen tokenizer) to models/demo-qwen3."""
     return _python_module("pipeline.demo", ["--out", "models/demo-qwen3"])
 
 

@@ -80,10 +80,10 @@ def write_bench_checkpoint(out_dir) -> None:
 
 def ensure_checkpoint(a, log) -> Path:
     if a.small:
-        from pipeline.demo.checkpoint import write_demo_checkpoint
+        from pipeline.demo.checkpoint import write_trained_demo
         from pipeline.run.model_source import DEMO_MODEL
 
-        if write_demo_checkpoint(DEMO_MODEL):
+        if write_trained_demo(DEMO_MODEL):
             log(f"wrote the demo checkpoint to {DEMO_MODEL}")
         return DEMO_MODEL
     path = Path(a.model_path) if a.model_path else BENCH_MODEL

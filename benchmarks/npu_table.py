@@ -2,13 +2,14 @@
 
     python -m benchmarks.npu_table --model_path CKPT --out runs/npu_table/NAME [--blocks 4] [--max_cache_len 256]
                                    [--cache_windows none] [--prompts P.jsonl] [--rounds 3] [--speed_steps 32]
-                                   [--mixed_target "top1>=0.98,cosine>=0.995"] [--perplexity_text FILE]
+                                   [--mixed_target "top1>=0.98,cosine>=0.995"] [--code]
+                                   [--perplexity_text FILE ... | --perplexity_held_out]
 
 Converts fp32, fp16, int8, int4 (MatMulNBits) onnx_dirs; runs the prompt set on fp32 (python -m pipeline.run_set;
 the last two prompts are held out); makes QDQ w8a8, w8a16, w4a16 graphs (python -m pipeline.quantize, calibrated on
 the others; and w8a8 with onnxruntime's default settings, nothing kept in float) and the mixed assignment over fp32/int8/int4 (python -m pipeline.mixed). For each: model size (graphs
 and weights, decode's copies once), logits cosine and top-1 agreement against fp32 on every held-out position,
-perplexity of --perplexity_text where benchmarks/perplexity.py is there, and decode tokens/s of run_auto on this
+perplexity (benchmarks/perplexity.py, 4096 tokens of --perplexity_text or the trained demo's held-out files), and decode tokens/s of run_auto on this
 CPU: --rounds interleaved rounds (every dir once per round, under nice), medians. Writes OUT/table.json and
 OUT/table.md. Every onnx_dir lands in OUT (reused when present).
 """
@@ -42,6 +43,17 @@ PROMPTS = [
 # (row, scheme, --keep_float): the last is onnxruntime's default settings (mask, RoPE and norms quantized too)
 QDQ = [("qdq-w8a8", "w8a8", "mask,rope,norms"), ("qdq-w8a16", "w8a16", "mask,rope,norms"),
        ("qdq-w4a16", "w4a16", "mask,rope,norms"), ("qdq-w8a8-default", "w8a8", "none")]
+# the trained demo model writes Python (--code): its prompts are the beginnings of code
+CODE_PROMPTS = [
+    "def bubble_sort(items):\n",
+    "class Stack:\n    \"\"\"A last-in, first-out container.\"\"\"\n\n    def __init__(self):\n",
+    "import os\n\n\ndef list_files(path, suffix):\n",
+    "def read_config(filename):\n    \"\"\"Read a key = value file into a dict.\"\"\"\n",
+    "class Point:\n    def __init__(self, x, y):\n",
+    "def parse_args(argv=None):\n    parser = argparse.ArgumentParser(",
+    "def fibonacci(n):\n",
+    "    def __repr__(self):\n",
+]
 SPEED_PROMPT = "Tell me about NPUs and how they run language models on small devices."
 
 
@@ -73,18 +85,10 @@ def decode_rate(onnx_dir: Path, run_root: Path, steps: int) -> float:
     return json.loads((run_root / "summary.json").read_text())["decode_tokens_per_s"]
 
 
-def perplexity(onnx_dir: Path, text: Path | None):
-    if text is None:
-        return None
-    try:
-        from benchmarks.perplexity import perplexity as score
-    except ImportError:
-        return None
-    from pipeline.runtime.backends import OnnxBackend
-    from pipeline.runtime.tokenizer import Tokenizer
+def perplexity(onnx_dir: Path, texts: list[str] | None):
+    from benchmarks.perplexity import perplexity as score
 
-    ids = Tokenizer.load(onnx_dir).encode(text.read_text(encoding="utf-8"))
-    return score(OnnxBackend(onnx_dir), ids)["perplexity"]
+    return score(onnx_dir, texts, 4096)["perplexity"] if texts else None
 
 
 @cli_entry
@@ -100,8 +104,16 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--speed_steps", type=int, default=32)
     p.add_argument("--mixed_target", default="top1>=0.98,cosine>=0.995")
-    p.add_argument("--perplexity_text", type=Path, default=None)
+    p.add_argument("--code", action="store_true", help="Python code prompts (the trained demo model)")
+    ppl = p.add_mutually_exclusive_group()
+    ppl.add_argument("--perplexity_text", type=Path, nargs="+", default=None, help="text files to score (4096 tokens)")
+    ppl.add_argument("--perplexity_held_out", action="store_true", help="the trained demo's held-out stdlib files")
     a = p.parse_args(argv)
+    if a.perplexity_held_out:
+        from benchmarks.perplexity import held_out_texts
+        texts = held_out_texts()
+    else:
+        texts = [f.read_text(encoding="utf-8") for f in a.perplexity_text or []]
     from pipeline.npu.evaluate import LogitsQuality
     from pipeline.npu.qdq_dir import onnx_dir_bytes
     from pipeline.npu.quantize import split_runs
@@ -115,7 +127,7 @@ def main(argv=None):
     if prompts is None:
         prompts = out / "prompts.jsonl"
         prompts.write_text("".join(json.dumps({"prompt": t, "steps": a.steps, "ignore_eos": True}) + "\n"
-                                   for t in PROMPTS))
+                                   for t in (CODE_PROMPTS if a.code else PROMPTS)))
     log("run set on fp32 ...")
     python("-m", "pipeline.run_set", "--prompts", prompts, "--run_root", out / "set", "--onnx_dir", dirs["fp32"],
            "-n", "2")
@@ -135,7 +147,7 @@ def main(argv=None):
     for name, d in dirs.items():
         log(f"quality {name} ...")
         rows[name] = {"onnx_dir": str(d), "bytes": onnx_dir_bytes(d), **quality.measure(OnnxBackend(d)),
-                      "perplexity": perplexity(d, a.perplexity_text), "decode_tok_s": []}
+                      "perplexity": perplexity(d, texts), "decode_tok_s": []}
     for r in range(a.rounds):  # interleaved: every dir once per round, so a busy spell hits them alike
         for name, d in dirs.items():
             log(f"speed round {r + 1} {name} ...")

@@ -1,4 +1,4 @@
-"""The random-weight demo checkpoint is a valid HF Qwen3 checkpoint (checked with transformers) and is written once."""
+"""The random-weight demo checkpoint (python -m pipeline.demo --random) is a valid HF Qwen3 checkpoint (checked with transformers) and is written once."""
 from __future__ import annotations
 
 import json
@@ -90,11 +90,11 @@ def test_refuses_foreign_folder_and_cli(tmp_path, capsys):
     with pytest.raises(StagepipeError, match="not a stagepipe demo checkpoint"):
         write_demo_checkpoint(foreign)
     with pytest.raises(SystemExit) as exc:
-        main(["--out", str(foreign)])
+        main(["--out", str(foreign), "--random"])
     assert exc.value.code == 2
     assert "error:" in capsys.readouterr().err
     assert (foreign / "notes.txt").read_text() == "keep me"
-    assert main(["--out", str(tmp_path / "cli"), "--seed", "3"]) == 0
-    assert "wrote demo" in capsys.readouterr().out
-    assert main(["--out", str(tmp_path / "cli"), "--seed", "3"]) == 0
+    assert main(["--out", str(tmp_path / "cli"), "--random", "--seed", "3"]) == 0
+    assert "wrote the random demo" in capsys.readouterr().out
+    assert main(["--out", str(tmp_path / "cli"), "--random", "--seed", "3"]) == 0
     assert "nothing to do" in capsys.readouterr().out

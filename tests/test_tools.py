@@ -1,7 +1,7 @@
 """The debugging tools: pipeline.inspect, pipeline.compare, pipeline.ops (and `doit inspect`).
 
 One small model (the demo checkpoint: real Qwen3 tokenizer, 4 layers of width 128, converted to 2 blocks, T=8,
-C=64, float32 KV) and two runs of the default 10-token prompt (two prefill chunks, so step_0001 has padding
+C=64, float32 KV) and two runs of a 10-token prompt (two prefill chunks, so step_0001 has padding
 rows) are made once per session: the ONNX run through the real `doit run_auto` command, the numpy reference run
 by executing run_auto's task actions in this process.
 """
@@ -28,6 +28,7 @@ from pipeline.tools import ops as ops_mod
 
 REPO = Path(__file__).resolve().parents[1]
 STEPS = 5  # new tokens; 10 prompt tokens in chunks of 8 -> step folders 0..5
+PROMPT = "Give me a short introduction to large language models."  # 10 tokens
 
 
 def cli(module: str, *args, cwd=REPO) -> subprocess.CompletedProcess:
@@ -49,7 +50,7 @@ def run_in_process(onnx_dir: Path, run_root: Path, backend: str):
     from pipeline.run.options import RunOptions
 
     run = open_run(RunOptions(onnx_dir=str(onnx_dir), run_root=str(run_root), steps=STEPS, ignore_eos=True,
-                              backend=backend))
+                              backend=backend, prompt=PROMPT))
     run.prepare()
     for task in run.tasks(Guard()):
         for action, args, kwargs in task["actions"]:
@@ -62,7 +63,8 @@ def small(tmp_path_factory, small_onnx):
     _, onnx_dir = small_onnx
     onnx_run, ref_run = tmp / "run_onnx", tmp / "run_ref"
     # the real command; cwd = the repo (where dodo.py is), so doit keeps its record inside the run folder
-    proc = cli("doit", "run_auto", "--onnx_dir", onnx_dir, "--run_root", onnx_run, "--steps", STEPS, "--ignore_eos")
+    proc = cli("doit", "run_auto", "--onnx_dir", onnx_dir, "--run_root", onnx_run, "--steps", STEPS, "--ignore_eos",
+               "--prompt", PROMPT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     run_in_process(onnx_dir, ref_run, "reference")
     return {"tmp": tmp, "onnx_dir": onnx_dir, "onnx_run": onnx_run, "ref_run": ref_run}

@@ -1,11 +1,12 @@
-"""A small random-weight Qwen3 checkpoint in HuggingFace layout, written with numpy alone.
+"""The demo Qwen3 checkpoints in HuggingFace layout, written with numpy alone.
 
-    python -m pipeline.demo --out models/demo [--seed 0]
+    python -m pipeline.demo --out models/demo-qwen3                  # the trained demo model (pipeline/demo/trained_model.py)
+    python -m pipeline.demo --out models/random --random [--seed 0]  # random weights, for shape and parity tests
 
-It has the real Qwen3 vocabulary and tokenizer (so prompts and token ids are realistic) but only 4 layers of width 128,
-so every stage of the pipeline can be exercised in seconds without downloading a model. The output is random text.
+Both have the real Qwen3 vocabulary and tokenizer (so prompts and token ids are realistic) but only 4 small layers,
+so every stage of the pipeline can be exercised in seconds without downloading a model. The random one writes noise.
 The folder is built in a temporary sibling and renamed into place, so an interrupted run never leaves half a
-checkpoint; a folder that already holds the demo checkpoint for the same seed is left as it is.
+checkpoint; a folder that already holds the same checkpoint is left as it is.
 """
 from __future__ import annotations
 
@@ -23,6 +24,7 @@ from pipeline.core.cli_args import ArgumentParser
 from pipeline.core.atomic import write_json
 from pipeline.core.errors import StagepipeError, cli_entry
 from pipeline.checkpoint.safetensors_io import read_header, save_safetensors
+from pipeline.demo import trained_model
 from pipeline.demo.tokenizer_files import write_qwen3_tokenizer
 from pipeline.core.layout import GENERATION_CONFIG, MODEL_CONFIG, TOKENIZER_CONFIG, TOKENIZER_JSON
 
@@ -157,24 +159,51 @@ def _umask() -> int:
 
 def _is_demo_folder(path: Path) -> bool:
     try:
-        return SEED_KEY in json.loads((path / MODEL_CONFIG).read_text())
+        cfg = json.loads((path / MODEL_CONFIG).read_text())
+        return SEED_KEY in cfg or trained_model.MARKER_KEY in cfg
     except (OSError, json.JSONDecodeError, TypeError):
         return False
 
 
 def write_demo_checkpoint(out_dir, seed: int = 0) -> bool:
-    """Write the demo checkpoint into out_dir. Returns False (writing nothing) if it is already there for this seed.
+    """Write the random demo checkpoint into out_dir. Returns False (writing nothing) if it is already there for
+    this seed."""
+    seed = int(seed)
+    if seed < 0:
+        raise StagepipeError(f"--seed must be >= 0 (got {seed})")
+
+    def fill(folder: Path):
+        write_qwen3_tokenizer(folder)
+        save_safetensors(folder / "model.safetensors", demo_weights(seed), bf16=True)
+        write_json(folder / GENERATION_CONFIG, demo_generation_config())
+        write_json(folder / MODEL_CONFIG, demo_config(seed))  # last: its seed key marks the folder complete
+
+    return _replace_folder(Path(out_dir), lambda: is_complete_demo(out_dir, seed), fill)
+
+
+def write_trained_demo(out_dir) -> bool:
+    """Expand the trained demo model into out_dir (a HF checkpoint). Returns False if it is already there."""
+    digest = trained_model.weights_digest()
+
+    def complete() -> bool:
+        try:
+            cfg = json.loads((Path(out_dir) / MODEL_CONFIG).read_text())
+        except (OSError, json.JSONDecodeError):
+            return False
+        return cfg.get(trained_model.MARKER_KEY) == digest and all((Path(out_dir) / f).is_file() for f in FILES)
+
+    return _replace_folder(Path(out_dir), complete, lambda folder: trained_model.write_trained_files(folder, digest))
+
+
+def _replace_folder(out_dir: Path, complete, fill) -> bool:
+    """Build the checkpoint in a temporary sibling with fill(folder) and rename it into place, unless complete().
 
     out_dir may be missing, empty, or an earlier demo checkpoint (it is replaced); any other existing folder is
     refused so that nothing of the user's is overwritten.
     """
-    out_dir = Path(out_dir)
-    seed = int(seed)
-    if seed < 0:
-        raise StagepipeError(f"--seed must be >= 0 (got {seed})")
     if out_dir.exists() and not out_dir.is_dir():
         raise StagepipeError(f"{out_dir}: exists and is not a folder; choose another --out")
-    if is_complete_demo(out_dir, seed):
+    if complete():
         return False
     if out_dir.is_dir() and any(out_dir.iterdir()) and not _is_demo_folder(out_dir):
         raise StagepipeError(f"{out_dir}: folder is not empty and is not a stagepipe demo checkpoint; "
@@ -183,10 +212,7 @@ def write_demo_checkpoint(out_dir, seed: int = 0) -> bool:
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", suffix=".tmp", dir=out_dir.parent))
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private (0700); give it a normal folder's mode
-        write_qwen3_tokenizer(tmp)
-        save_safetensors(tmp / "model.safetensors", demo_weights(seed), bf16=True)
-        write_json(tmp / GENERATION_CONFIG, demo_generation_config())
-        write_json(tmp / MODEL_CONFIG, demo_config(seed))  # last: its seed key marks the folder complete
+        fill(tmp)
         for f in tmp.iterdir():  # the atomic writers' temp files are private (0600); make them normal files
             os.chmod(f, 0o666 & ~_umask())
         if out_dir.exists():
@@ -207,14 +233,19 @@ def write_demo_checkpoint(out_dir, seed: int = 0) -> bool:
 @cli_entry
 def main(argv=None):
     parser = ArgumentParser(prog="python -m pipeline.demo",
-                                     description="Write a small random-weight Qwen3 checkpoint (HF layout) for demos and tests.")
+                            description="Write the demo Qwen3 checkpoint (HF layout): the trained one, or random weights.")
     parser.add_argument("--out", required=True, help="checkpoint folder to create")
-    parser.add_argument("--seed", type=int, default=0, help="random seed for the weights (default 0)")
+    parser.add_argument("--random", action="store_true",
+                        help="random weights instead of the trained model (what the parity tests use)")
+    parser.add_argument("--seed", type=int, default=0, help="random seed for --random (default 0)")
     args = parser.parse_args(argv)
-    if write_demo_checkpoint(args.out, args.seed):
-        print(f"wrote demo Qwen3 checkpoint (seed {args.seed}) to {args.out}")
+    if not args.random:
+        wrote = write_trained_demo(args.out)
+        what = "the trained demo Qwen3 checkpoint"
     else:
-        print(f"{args.out} already holds the demo checkpoint for seed {args.seed}; nothing to do")
+        wrote = write_demo_checkpoint(args.out, args.seed)
+        what = f"the random demo Qwen3 checkpoint (seed {args.seed})"
+    print(f"wrote {what} to {args.out}" if wrote else f"{args.out} already holds {what}; nothing to do")
     return 0
 
 

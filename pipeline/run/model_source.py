@@ -10,7 +10,7 @@ from pipeline.convert.staleness import settings_mismatch, staleness
 from pipeline.core.jsonfile import load_manifest
 from pipeline.core.layout import MANIFEST
 from pipeline.core.errors import StagepipeError
-from pipeline.demo.checkpoint import write_demo_checkpoint
+from pipeline.demo.checkpoint import write_trained_demo
 
 DEMO_MODEL = Path("models/demo-qwen3")
 ONNX_ROOT = Path("onnx")
@@ -30,8 +30,8 @@ def resolve_onnx_dir(model_path: Path | None, onnx_dir: Path | None, max_input_l
     if model_path is None and onnx_dir is not None:
         return Path(onnx_dir)
     if model_path is None:
-        if write_demo_checkpoint(DEMO_MODEL):
-            log(f"wrote the random-weight demo checkpoint to {DEMO_MODEL}")
+        if write_trained_demo(DEMO_MODEL):
+            log(f"wrote the trained demo checkpoint to {DEMO_MODEL}")
         model_path = DEMO_MODEL
     model_path = Path(model_path)
     if not model_path.is_dir():

@@ -9,7 +9,7 @@ from pipeline.core.errors import StagepipeError
 from pipeline.core.options import option, utf8_text
 from schemas.run import SamplingSettings
 
-DEFAULT_PROMPT = "Give me a short introduction to large language models."
+DEFAULT_PROMPT = "def bubble_sort(items):"  # what the trained demo model (Python source) can continue
 SAMPLING_SOURCES = ("flags", "model")
 
 
