@@ -123,8 +123,8 @@ def main(argv=None):
     rng = np.random.default_rng(args.seed)
 
     from tokenizers import Tokenizer
-    from pipeline.demo.tokenizer_files import _qwen3_tokenizer_json_text
-    tokenizer = Tokenizer.from_str(_qwen3_tokenizer_json_text())
+    from pipeline.demo.tokenizer_files import build_qwen3_tokenizer_json
+    tokenizer = Tokenizer.from_str(json.dumps(build_qwen3_tokenizer_json()))
     train_files, held_files = demo_corpus.split_files()
     t0 = time.time()
     line_split = {p for p in train_files if rng.random() < LINE_SPLIT_SHARE}
