@@ -327,3 +327,11 @@ def test_changed_history_recomputes_later_steps_even_with_same_token(small, refe
                                                                    "input_ids.npy").read_bytes()
     assert (root / "step_0005" / "hidden_block1.npy").read_bytes() != before, "step 5 kept outputs made over " \
                                                                              "the old cache"
+
+
+def test_doit_prompt_with_equals_sign_says_how_to_give_it(tmp_path):
+    """doit takes a word holding '=' as a NAME=VALUE variable of its own, so `--prompt "a = 1"` leaves --prompt
+    without a value: the error says how to write it."""
+    proc = run_doit("--run_root", tmp_path / "run", "--prompt", "a = 1", check=False)
+    one_line_error(proc, "--prompt needs a value", '--prompt="..."', "stagepipe run")
+    assert not (tmp_path / "run").exists()

@@ -144,6 +144,9 @@ def friendly_task_option_errors():
                 message = unknown_option_message(m.group(1), known, "doit help TASK")
             elif m := re.search(r"option (\S+) requires argument", text):
                 message = f"option {m.group(1)} needs a value"
+                if any("=" in arg for arg in sys.argv):  # doit took the value as a NAME=VALUE variable of its own
+                    message += (f" (doit takes a word with '=' as its own variable: write {m.group(1)}=\"...\", "
+                                "or use stagepipe run)")
             elif m := re.search(r"Error parsing parameter '(\w+)' <class '(\w+)'>.\n(.*)", text):
                 message = f"--{m.group(1)}: expected {'an integer' if m.group(2) == 'int' else 'a number'} " \
                           f"({m.group(3).strip()})"
