@@ -34,6 +34,7 @@ from pipeline.web.options import ServeOptions  # noqa: E402
 from pipeline.web.serve import serving  # noqa: E402
 
 STEPS = 5
+PROMPT = "Give me a short introduction to large language models."  # 10 tokens: two prefill chunks of 8
 CHROMIUM = os.environ.get("STAGEPIPE_CHROMIUM") or shutil.which("chromium") or shutil.which("chromium-browser")
 SHOTS = os.environ.get("STAGEPIPE_SCREENSHOTS")
 TAMPERED = ("step_0002", "hidden_block1.npy")
@@ -42,7 +43,8 @@ TAMPERED = ("step_0002", "hidden_block1.npy")
 def start_run(onnx_dir: Path, run_root: Path, backend: str) -> subprocess.Popen:
     """`stagepipe run` in a child process (its lock is gone when it exits, so the pages see a finished run)."""
     return subprocess.Popen([sys.executable, "-m", "pipeline.cli", "run", "--onnx_dir", str(onnx_dir), "--run_root",
-                             str(run_root), "--steps", str(STEPS), "--ignore_eos", "--backend", backend],
+                             str(run_root), "--steps", str(STEPS), "--ignore_eos", "--backend", backend, "--prompt",
+                             PROMPT],
                             cwd=REPO, env=env_without_threads_noise(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True)
 
