@@ -116,3 +116,16 @@ def test_held_out_perplexity_far_below_unigram(trained):
     result = perplexity(trained[1], held_out_texts()[:2], 512)
     assert result["scored_tokens"] >= 500
     assert result["perplexity"] < record["unigram_perplexity"] / 5, (result, record["unigram_perplexity"])
+
+
+def test_damaged_expanded_checkpoint_is_rewritten(tmp_path):
+    """The expanded weights are what the demo's runs convert from: damage to them is repaired, never converted."""
+    out = tmp_path / "ckpt"
+    assert write_trained_demo(out) is True
+    good = (out / "model.safetensors").read_bytes()
+    data = bytearray(good)
+    data[len(data) // 2] ^= 0x10
+    (out / "model.safetensors").write_bytes(bytes(data))
+    assert write_trained_demo(out) is True
+    assert (out / "model.safetensors").read_bytes() == good
+    assert write_trained_demo(out) is False

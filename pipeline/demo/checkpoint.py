@@ -190,7 +190,10 @@ def write_trained_demo(out_dir) -> bool:
             cfg = json.loads((Path(out_dir) / MODEL_CONFIG).read_text())
         except (OSError, json.JSONDecodeError):
             return False
-        return cfg.get(trained_model.MARKER_KEY) == digest and all((Path(out_dir) / f).is_file() for f in FILES)
+        if cfg.get(trained_model.MARKER_KEY) != digest or not all((Path(out_dir) / f).is_file() for f in FILES):
+            return False
+        # the expanded weights are what every run of the demo converts from: a damaged file is rewritten
+        return cfg.get(trained_model.EXPANDED_KEY) == trained_model.file_digest(Path(out_dir) / "model.safetensors")
 
     return _replace_folder(Path(out_dir), complete, lambda folder: trained_model.write_trained_files(folder, digest))
 

@@ -25,6 +25,7 @@ WEIGHTS_FILE = "model.safetensors"
 DIGEST_FILE = "model.sha256"  # written beside the weights by the training script; checked before every expansion
 TOKEN_IDS = "token_ids"
 MARKER_KEY = "stagepipe_demo_trained"  # config.json key: the sha256 of the compact weights the folder came from
+EXPANDED_KEY = "stagepipe_demo_weights_sha256"  # config.json key: the sha256 of the expanded model.safetensors
 
 VOCAB = 151936
 SPECIAL_IDS = tuple(token_id for token_id, _, _ in QWEN3_ADDED_TOKENS)
@@ -57,6 +58,13 @@ def save_compact(out_dir, state: dict[str, np.ndarray], token_ids: np.ndarray):
     tensors = {TOKEN_IDS: np.asarray(token_ids, dtype=np.int32), **state}
     save_safetensors(out_dir / WEIGHTS_FILE, tensors, bf16=True, metadata={"format": "pt", "vocab_size": str(VOCAB)})
     write_text(out_dir / DIGEST_FILE, hashlib.sha256((out_dir / WEIGHTS_FILE).read_bytes()).hexdigest() + "\n")
+
+
+def file_digest(path: Path) -> str | None:
+    try:
+        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+    except OSError:
+        return None
 
 
 def weights_digest(weights_dir=WEIGHTS_DIR) -> str:
@@ -92,4 +100,5 @@ def write_trained_files(folder: Path, digest: str, weights_dir=WEIGHTS_DIR):
     write_qwen3_tokenizer(folder)
     save_safetensors(folder / "model.safetensors", expanded_weights(weights_dir), bf16=True)
     write_json(folder / GENERATION_CONFIG, generation_config())
-    write_json(folder / MODEL_CONFIG, {**model_config(), MARKER_KEY: digest})
+    write_json(folder / MODEL_CONFIG, {**model_config(), MARKER_KEY: digest,
+                                       EXPANDED_KEY: file_digest(folder / "model.safetensors")})
