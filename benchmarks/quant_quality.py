@@ -78,7 +78,8 @@ def main(argv=None):
     from pipeline.runtime.tokenizer import Tokenizer
 
     if trained:  # real text: the model's held-out files
-        token_ids = Tokenizer.load(ref_dir).encode(held_out_texts()[0])[:a.tokens]
+        texts = held_out_texts()
+        token_ids = Tokenizer.load(ref_dir).encode(texts[0])[:a.tokens]
     else:
         vocab = load_manifest(ref_dir).model.vocab_size
         token_ids = np.random.default_rng(a.seed).integers(0, vocab, a.tokens).tolist()
@@ -96,7 +97,6 @@ def main(argv=None):
     print(f"{a.precision} vs fp32 logits over {a.tokens} positions of {model_path.name}: cosine mean "
           f"{result['cosine_mean']:.5f}, min {result['cosine_min']:.5f}; top-1 agreement {top1:.1%}")
     if trained:
-        texts = held_out_texts()
         result["perplexity_fp32"] = perplexity(ref_dir, texts, 4096)["perplexity"]
         result[f"perplexity_{a.precision}"] = perplexity(q_dir, texts, 4096)["perplexity"]
         print(f"held-out perplexity (4096 tokens): fp32 {result['perplexity_fp32']:.2f}, "
