@@ -457,14 +457,14 @@ def bench_genai(ctx, precision: str) -> dict:
 # -- workers (run inside the child processes) --------------------------------------------------------------------
 def worker_in_memory(spec: dict) -> dict:
     from pipeline.runtime.backends import OnnxBackend
-    from pipeline.runtime.generate import generate
+    from pipeline.runtime.generate import generate, generation_steps
     from pipeline.runtime.sampling import SamplingSettings
 
     t = time.perf_counter()
     backend = OnnxBackend(Path(spec["onnx_dir"]), provider=spec.get("provider", "cpu"), threads=spec.get("threads", 0),
                           process_pool=True)  # as run_auto's
     m = backend.manifest
-    backend.open_all(max_tokens=len(spec["prompt_ids"]) + spec["new_tokens"])  # as run_auto does
+    backend.open_all(generation_steps(len(spec["prompt_ids"]), spec["new_tokens"], m.max_input_len))  # as run_auto
     session_s = time.perf_counter() - t
     stamps = []
     timed_output = backend.output

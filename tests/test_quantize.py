@@ -69,3 +69,44 @@ def prompt_ids_for(checkpoint):
     from tests.hf_oracle import CHECKPOINT_SPECS
 
     return prompt_ids(CHECKPOINT_SPECS[checkpoint.name])
+
+
+def test_packed_sessions_keep_one_window_per_mode(qwen3_tied, tmp_path):
+    """int4 sessions each pack their own copy of a block's weights: a long prompt walks through the windows with
+    at most one prefill and one decode session per block open, and generates what a backend with every graph
+    open does."""
+    from pipeline.core.layout import graph_set_mode
+    from pipeline.runtime.generate import generate, generation_steps
+    from pipeline.runtime.sampling import SamplingSettings
+
+    onnx_dir = tmp_path / "int4"
+    convert(qwen3_tied, onnx_dir, blocks=2, max_input_len=8, max_cache_len=64, precision="int4",
+            kv_dtype="float32", cache_windows=[16, 32], log=lambda *a: None)
+    prompt = (prompt_ids_for(qwen3_tied) * 5)[:36]  # prefill windows 16, 32, 64; decode at 64
+    steps = generation_steps(len(prompt), 6, 8)
+    backend = OnnxBackend(onnx_dir)
+    backend.open_all(steps)
+    assert sorted(backend._sessions) == sorted([("decode", "output"), ("prefill", "embed"), ("decode", "embed")]
+                                               + [(g, f"block{k}") for g in ("prefill_c16", "decode") for k in (0, 1)])
+    seen = []
+    original = backend.session
+
+    def session(graphs, stage):  # after each open: one window per (mode, block)
+        s = original(graphs, stage)
+        blocks = [(graph_set_mode(g), st) for g, st in backend._sessions if st.startswith("block")]
+        assert len(blocks) == len(set(blocks)), sorted(backend._sessions)
+        seen.append(graphs)
+        return s
+
+    backend.session = session
+    greedy = SamplingSettings(greedy=True)
+    tokens = generate(backend, prompt, 6, greedy)
+    assert {"prefill_c16", "prefill_c32", "prefill", "decode"} <= set(seen)
+
+    class KeepsEverything(OnnxBackend):
+        def _close_other_windows(self, graphs, stage):
+            pass
+
+    everything = KeepsEverything(onnx_dir)
+    assert generate(everything, prompt, 6, greedy) == tokens
+    assert len(everything._sessions) > len(backend._sessions)

@@ -44,6 +44,11 @@ def graph_set_window(name: str, max_cache_len: int) -> int:
     return int(name.split("_c")[1]) if "_c" in name else max_cache_len
 
 
+def graph_set_mode(name: str) -> str:
+    """The mode of a graph set named by graph_set: "prefill" or "decode"."""
+    return name.split("_c")[0]
+
+
 def graph_file(mode: str, stage: str, window: int, max_cache_len: int) -> str:
     """A graph's path in the onnx_dir: decode/block0.onnx, decode/block0_c128.onnx."""
     suffix = "" if window == max_cache_len else f"_c{window}"

@@ -228,7 +228,7 @@ class Run:
     def _open_sessions(self):
         if hasattr(self.backend, "open_all"):
             # sessions up front: step timings (TTFT, tokens/s) measure compute only
-            self.backend.open_all(max_tokens=self.plan.max_tokens())
+            self.backend.open_all(self.plan.step_sizes())
 
     # -- conversation ----------------------------------------------------------------------------------------------
     def last_turn_done(self) -> bool:

@@ -68,10 +68,9 @@ class TurnPlan:
         starts = [t.first_step for t in self.turns]
         return self.turns[bisect.bisect_right(starts, s) - 1]
 
-    def max_tokens(self) -> int:
-        """Cache slots filled when every planned step has run."""
-        last = self.last
-        return last.past_len_at(last.end_step - 1) + len(last.chunk(last.end_step - 1) or [1])
+    def step_sizes(self) -> list[tuple[int, int]]:
+        """(past_len, q_len) of every planned step, in order."""
+        return [(self.turn_of(s).past_len_at(s), len(self.turn_of(s).chunk(s) or [1])) for s in range(self.n_steps)]
 
 
 def plan_turns(settings: RunSettings, max_input_len: int, max_cache_len: int) -> TurnPlan:

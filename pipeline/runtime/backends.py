@@ -14,9 +14,9 @@ import numpy as np
 
 from pipeline.core.errors import StagepipeError
 from pipeline.core.jsonfile import load_manifest
-from pipeline.core.layout import VISION, graph_set, graph_set_window
+from pipeline.core.layout import VISION, graph_set, graph_set_mode
 from pipeline.runtime.graph_files import GraphFiles
-from pipeline.runtime.plan import hidden_dtype, rope_tables, window_for
+from pipeline.runtime.plan import hidden_dtype, plan_step, rope_tables
 from schemas.manifest import GraphSpec, Manifest
 from pipeline.core.layout import MODEL_CONFIG
 
@@ -101,18 +101,29 @@ class OnnxBackend(Backend):
         self._weights = SharedWeights()
         self._files = GraphFiles(self.onnx_dir, self.manifest)
 
-    def open_all(self, max_tokens: int | None = None, stages=None):
-        """Create now the sessions a run that fills up to max_tokens cache slots uses (every graph's when None),
-        so that step timings measure compute only. Block graphs of larger windows are left to first use: each
-        session costs memory (int8/int4 ones a packed copy of the weights). stages: only these (a hybrid run
-        routes the others elsewhere)."""
+    def open_all(self, steps=None, stages=None):
+        """Create now the sessions that running `steps` ((past_len, q_len) pairs, in order) uses, so that step
+        timings measure compute only; every graph's when steps is None (each block then keeps its last window's
+        where sessions hold their own weights, see below). stages: only these (a hybrid run routes
+        the others elsewhere). The T>1 output graph is left to first use: a prefill step's logits come from the
+        T=1 graph unless full logits are asked for.
+
+        Where sessions hold their own weights (int8/int4 packed, or on a GPU) only the first window each mode
+        uses is opened: a block keeps one window's session per mode (see session), so a long prompt's later
+        windows open when its steps reach them."""
         m = self.manifest
-        largest = window_for(m, min(max_tokens, m.max_cache_len)) if max_tokens else m.max_cache_len
-        for graphs, graph_stages in m.graphs.items():
-            window = graph_set_window(graphs, m.max_cache_len)
-            for stage in graph_stages:
-                if not (stage.startswith("block") and window > largest) and (stages is None or stage in stages):
-                    self.session(graphs, stage)
+        if steps is None:
+            wanted = [(graphs, stage) for graphs, graph_stages in m.graphs.items() for stage in graph_stages]
+        else:
+            plans = [plan_step(m, past_len, q_len) for past_len, q_len in steps]
+            first_window = {}
+            wanted = [("decode", "output")] + [(p.mode, "embed") for p in plans]
+            for p in plans:
+                if self._shares_weights or first_window.setdefault(p.mode, p.W) == p.W:
+                    wanted += [(p.block_graphs, f"block{k}") for k in range(len(m.blocks))]
+        for graphs, stage in dict.fromkeys(wanted):
+            if stages is None or stage in stages:
+                self.session(graphs, stage)
         self._weights.prefault()
 
     def session(self, mode: str, stage: str):
@@ -122,10 +133,7 @@ class OnnxBackend(Backend):
 
             opts = ort.SessionOptions()
             opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-            # plain MatMul/Gemm read the shared pages as they are; MatMulNBits (int8/int4) is fast only with its
-            # weights prepacked, and onnxruntime packs only weights it loads itself (not shared initializers);
-            # QDQ graphs' int4 weights cannot be mapped as numpy arrays at all
-            share = self.providers[0] == "CPUExecutionProvider" and self.manifest.precision in FLOAT_PRECISIONS
+            share = self._shares_weights
             if share:
                 opts.add_session_config_entry("session.disable_prepacking", "1")
             # worker threads spin between the ops of a run (a decode block is hundreds of small ops) and stop when
@@ -136,6 +144,8 @@ class OnnxBackend(Backend):
             on_process_pool = self.process_pool and cpu and use_process_thread_pool(opts, self.threads)
             if self.threads and not on_process_pool:
                 opts.intra_op_num_threads = self.threads
+            if not share and stage.startswith("block"):
+                self._close_other_windows(mode, stage)
             spec = self.graph_spec(mode, stage)
             for rel in (spec.file, *spec.weights_files):  # the files the converter wrote, unchanged
                 self._files.check(rel)
@@ -149,6 +159,25 @@ class OnnxBackend(Backend):
                 raise StagepipeError(f"{path}: onnxruntime cannot load it ({str(e).splitlines()[0]}); "
                                      "reconvert the model") from None
         return self._sessions[key]
+
+    @property
+    def _shares_weights(self) -> bool:
+        """Sessions read one shared memory map of the weights (float graphs on CPU: plain MatMul/Gemm read the
+        pages as they are). Else each session holds its own copy: MatMulNBits (int8/int4) is fast only with its
+        weights prepacked, and onnxruntime packs only weights it loads itself (not shared initializers); QDQ
+        graphs' int4 weights cannot be mapped as numpy arrays at all; a GPU session copies them to the device."""
+        return self.providers[0] == "CPUExecutionProvider" and self.manifest.precision in FLOAT_PRECISIONS
+
+    def _close_other_windows(self, graphs: str, stage: str):
+        """Before a block opens at another window, close its session of the mode's previous window (steps move
+        to larger windows as the cache fills): a 480-token int4 prompt would otherwise hold the packed weights
+        of three prefill windows at once."""
+        mode = graph_set_mode(graphs)
+        others = [g for g, s in self._sessions if s == stage and g != graphs and graph_set_mode(g) == mode]
+        for other in others:
+            self.close(other, stage)
+        if others:
+            return_freed_memory()
 
     def _run(self, stage: str, T: int, feeds: dict):
         return self.session(self.mode_for(T), stage).run(None, feeds)
@@ -267,6 +296,18 @@ class SharedWeights:
         mine = self._keys.pop(graph_path, set())
         for key in mine - set().union(*self._keys.values()):
             self._arrays.pop(key, None)
+
+
+def return_freed_memory():
+    """Hand the heap pages a closed session freed back to the system (glibc's malloc_trim; elsewhere nothing):
+    glibc may keep them, and the next window's sessions would come on top in the process's memory."""
+    import ctypes
+    import ctypes.util
+
+    try:
+        ctypes.CDLL(ctypes.util.find_library("c")).malloc_trim(0)
+    except (OSError, AttributeError, TypeError):
+        pass
 
 
 _pool_threads: int | None = None  # the size the process-wide onnxruntime thread pool was made with

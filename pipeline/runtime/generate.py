@@ -19,6 +19,13 @@ def prompt_chunks(token_ids: list[int], T: int) -> list[list[int]]:
     return [token_ids[i:i + T] for i in range(0, len(token_ids), T)]
 
 
+def generation_steps(prompt_len: int, max_new_tokens: int, T: int) -> list[tuple[int, int]]:
+    """(past_len, q_len) of each step generate() runs when no stop token comes: the prompt's chunks, then one
+    decode step per new token after the first."""
+    chunks = [(i, min(T, prompt_len - i)) for i in range(0, prompt_len, T)]
+    return chunks + [(prompt_len + j, 1) for j in range(max_new_tokens - 1)]
+
+
 class MemoryKVCache:
     """Per-block (Lk,1,KV,C,D) arrays; a step writes only its new slots [past_len, past_len+q_len)."""
 

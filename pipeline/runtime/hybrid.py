@@ -126,14 +126,14 @@ class HybridBackend(Backend):
     def backend_for(self, stage: str) -> Backend:
         return self.stage_backends.get(stage, self.main)
 
-    def open_all(self, max_tokens: int | None = None):
+    def open_all(self, steps=None):
         routed = set(self.stage_backends)
         for backend, stages in [(self.main, [s for s in self.manifest.stage_names() if s not in routed])] + \
                 [(b, [s]) for s, b in self.stage_backends.items()]:
             if isinstance(backend, OnnxBackend):  # only the stages it runs here
-                backend.open_all(max_tokens, stages=stages)
+                backend.open_all(steps, stages=stages)
             elif hasattr(backend, "open_all"):
-                backend.open_all(max_tokens)
+                backend.open_all(steps)
 
     def embed(self, input_ids):
         return self.backend_for("embed").embed(input_ids).astype(self._hidden, copy=False)
