@@ -464,7 +464,7 @@ def worker_in_memory(spec: dict) -> dict:
     backend = OnnxBackend(Path(spec["onnx_dir"]), provider=spec.get("provider", "cpu"), threads=spec.get("threads", 0),
                           process_pool=True)  # as run_auto's
     m = backend.manifest
-    backend.open_all(generation_steps(len(spec["prompt_ids"]), spec["new_tokens"], m.max_input_len))  # as run_auto
+    backend.open_all(generation_steps(m, len(spec["prompt_ids"]), spec["new_tokens"]))  # as run_auto does
     session_s = time.perf_counter() - t
     stamps = []
     timed_output = backend.output

@@ -185,10 +185,12 @@ def _finished_steps(run_dir: Path) -> int:
         n += 1
 
 
-def _pick_kill(rng: random.Random, sig_name: str, done: int, n_chunks: int, n_steps: int):
-    """-> (phase, trigger(run_dir, pid, t0_ns) -> bool, delay_s): kill `delay_s` after the trigger holds."""
+def _pick_kill(rng: random.Random, sig_name: str, done: int, n_chunks: int, n_steps: int, killed=frozenset()):
+    """-> (phase, trigger(run_dir, pid, t0_ns) -> bool, delay_s): kill `delay_s` after the trigger holds. Phases
+    no kill has hit yet (`killed`: those that have) go first, so that a short campaign covers them all."""
     phases = [p for p in PHASES if not (p == "startup" and sig_name == "SIGINT")
               and not (p == "prefill" and done >= n_chunks) and not (p == "decode" and done >= n_steps)]
+    phases = [p for p in phases if p not in killed] or phases
     phase = rng.choices(phases, [PHASE_WEIGHTS[p] for p in phases])[0]
     if phase == "startup":
         return phase, lambda run_dir, pid, t0: True, rng.uniform(0.0, 1.2)
@@ -204,9 +206,10 @@ def _pick_kill(rng: random.Random, sig_name: str, done: int, n_chunks: int, n_st
     return phase, lambda run_dir, pid, t0: _fresh(run_dir / target, t0), rng.uniform(0.0, 0.003)
 
 
-def kill_once(sb: Sandbox, run_dir: Path, rng: random.Random, signals, n_chunks: int, n_steps: int) -> dict:
+def kill_once(sb: Sandbox, run_dir: Path, rng: random.Random, signals, n_chunks: int, n_steps: int,
+              killed=frozenset()) -> dict:
     sig_name = rng.choice(signals)
-    phase, trigger, delay = _pick_kill(rng, sig_name, _finished_steps(run_dir), n_chunks, n_steps)
+    phase, trigger, delay = _pick_kill(rng, sig_name, _finished_steps(run_dir), n_chunks, n_steps, killed)
     t0 = time.time_ns()
     proc = sb.spawn(run_dir)
     fired = False
@@ -249,7 +252,7 @@ def kill_campaign(sb: Sandbox, kills: int, seed: int, log=print) -> dict:
                 break
             if _finished_steps(run_dir) >= n_steps and rng.random() < 0.5:
                 break  # a finished run: a kill or two while it is rerun, then a new chain
-            r = kill_once(sb, run_dir, rng, signals, n_chunks, n_steps)
+            r = kill_once(sb, run_dir, rng, signals, n_chunks, n_steps, {r["phase"] for r in records})
             if r["killed"]:
                 records.append(r)
         final = sb.run(run_dir)

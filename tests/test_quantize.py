@@ -83,8 +83,8 @@ def test_packed_sessions_keep_one_window_per_mode(qwen3_tied, tmp_path):
     convert(qwen3_tied, onnx_dir, blocks=2, max_input_len=8, max_cache_len=64, precision="int4",
             kv_dtype="float32", cache_windows=[16, 32], log=lambda *a: None)
     prompt = (prompt_ids_for(qwen3_tied) * 5)[:36]  # prefill windows 16, 32, 64; decode at 64
-    steps = generation_steps(len(prompt), 6, 8)
     backend = OnnxBackend(onnx_dir)
+    steps = generation_steps(backend.manifest, len(prompt), 6)
     backend.open_all(steps)
     assert sorted(backend._sessions) == sorted([("decode", "output"), ("prefill", "embed"), ("decode", "embed")]
                                                + [(g, f"block{k}") for g in ("prefill_c16", "decode") for k in (0, 1)])

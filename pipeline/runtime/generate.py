@@ -19,11 +19,12 @@ def prompt_chunks(token_ids: list[int], T: int) -> list[list[int]]:
     return [token_ids[i:i + T] for i in range(0, len(token_ids), T)]
 
 
-def generation_steps(prompt_len: int, max_new_tokens: int, T: int) -> list[tuple[int, int]]:
+def generation_steps(manifest, prompt_len: int, max_new_tokens: int) -> list[tuple[int, int]]:
     """(past_len, q_len) of each step generate() runs when no stop token comes: the prompt's chunks, then one
-    decode step per new token after the first."""
+    decode step per new token after the first while the cache has room."""
+    T, C = manifest.max_input_len, manifest.max_cache_len
     chunks = [(i, min(T, prompt_len - i)) for i in range(0, prompt_len, T)]
-    return chunks + [(prompt_len + j, 1) for j in range(max_new_tokens - 1)]
+    return chunks + [(past_len, 1) for past_len in range(prompt_len, min(prompt_len + max_new_tokens - 1, C))]
 
 
 class MemoryKVCache:
