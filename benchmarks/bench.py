@@ -567,14 +567,19 @@ def report(results: dict, sizes: dict, lines: list):
             rows.append(("run_auto, seen from outside (file times)",
                          {"ttft_s": r["wall_ttft_s"], "decode_tok_s": r["wall_decode_tok_s"],
                           "peak_rss_mib": None, "wall_s": None, "tokens": None}))
-    header = (f"{'method':<56} {'TTFT s':>8} {'decode tok/s':>12} {'peak RSS MiB':>12} {'wall s':>8} {'CPU s':>7}"
+
+    def prefill_rate(r):  # prompt tokens per second of time to first token
+        return sizes["prompt_tokens"] / r["ttft_s"] if sizes.get("prompt_tokens") and r.get("ttft_s") else None
+
+    header = (f"{'method':<56} {'TTFT s':>8} {'prefill tok/s':>13} {'decode tok/s':>12} {'peak RSS MiB':>12} {'wall s':>8} {'CPU s':>7}"
               f" {'setup s':>8} {'tok/s vs genai':>14} {'TTFT vs genai':>13} {'tokens=run_auto':>15}")
     lines += [header, "-" * len(header)]
     for label, r in rows:
         if isinstance(r, str):
             lines.append(f"{label:<56} {r}")
             continue
-        lines.append(f"{label:<56} {_f(r['ttft_s']):>8} {_f(r['decode_tok_s'], '{:.2f}'):>12} "
+        lines.append(f"{label:<56} {_f(r['ttft_s']):>8} {_f(prefill_rate(r), '{:.1f}'):>13} "
+                     f"{_f(r['decode_tok_s'], '{:.2f}'):>12} "
                      f"{_f(r['peak_rss_mib'], '{:.0f}'):>12} {_f(r.get('wall_s'), '{:.1f}'):>8} "
                      f"{_f(r.get('cpu_s'), '{:.1f}'):>7} "
                      f"{_f(r.get('setup_s'), '{:.2f}'):>8} "

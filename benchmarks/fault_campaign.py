@@ -389,8 +389,8 @@ def damage_cases(quick: bool):
                                                                              lambda m: m.update(max_input_len=0))),
         ("edited manifest.json: graph path ../", lambda r, o, x: _edit_json(
             o / "manifest.json", lambda m: m["graphs"]["decode_c16"]["block0"].update(file="../../outside.onnx"))),
-        ("swapped graph decode/block1_c16.onnx", lambda r, o, x: _own(o / "decode/block1_c16.onnx").write_bytes(
-            (o / "decode/block0_c16.onnx").read_bytes())),
+        ("swapped graph prefill/block1_c16.onnx", lambda r, o, x: _own(o / "prefill/block1_c16.onnx").write_bytes(
+            (o / "prefill/block0_c16.onnx").read_bytes())),
         ("swapped graph prefill/block0.onnx", lambda r, o, x: _own(o / "prefill/block0.onnx").write_bytes(
             (o / "prefill/block1.onnx").read_bytes())),
         ("truncate prefill/embed.onnx", lambda r, o, x: _truncate(o / "prefill/embed.onnx")),
@@ -408,7 +408,7 @@ def damage_cases(quick: bool):
 QUICK = ("truncate step_0003/logits.npy", "delete step_0003/attention_mask.npy",
          "wrong dtype step_0003/hidden_block1.npy", "wrong shape step_0003/input_ids.npy",
          "edited step_0003/meta.json: past_len + 1", "delete kv_cache/", "truncate kv_cache/past_key_block1.npy",
-         "edited manifest.json: mask_value 0", "swapped graph decode/block1_c16.onnx",
+         "edited manifest.json: mask_value 0", "swapped graph prefill/block1_c16.onnx",
          "symlink kv_cache/past_key_block0.npy")
 
 

@@ -42,12 +42,12 @@ def test_every_kind_of_damage_is_repaired_or_refused_in_one_line(sandbox):
     assert figures["writes_outside"] == 0
     assert (sandbox.outside / "canary.txt").read_text() == "must never change\n"
     refused = {"truncate kv_cache/past_key_block1.npy", "edited manifest.json: mask_value 0",
-               "swapped graph decode/block1_c16.onnx", "symlink kv_cache/past_key_block0.npy"}
+               "swapped graph prefill/block1_c16.onnx", "symlink kv_cache/past_key_block0.npy"}
     assert outcomes == {case: "clear error" if case in refused else "identical" for case in outcomes}, \
         [r for r in figures["results"] if r["outcome"] != ("clear error" if r["case"] in refused else "identical")]
     lines = {r["case"]: r["line"] for r in figures["results"]}
     assert "(truncated or damaged); delete it" in lines["truncate kv_cache/past_key_block1.npy"]
-    assert "block1_c16.onnx: its content differs" in lines["swapped graph decode/block1_c16.onnx"]
+    assert "block1_c16.onnx: its content differs" in lines["swapped graph prefill/block1_c16.onnx"]
 
 
 def test_full_disk_is_one_line_naming_the_file_then_the_run_resumes(sandbox):
