@@ -23,6 +23,7 @@ import numpy as np
 from pipeline.core.cli_args import ArgumentParser
 from pipeline.core.atomic import write_json
 from pipeline.core.errors import StagepipeError, cli_entry
+from pipeline.core.tensors import sha256_file
 from pipeline.checkpoint.safetensors_io import read_header, save_safetensors
 from pipeline.demo import trained_model
 from pipeline.demo.tokenizer_files import write_qwen3_tokenizer
@@ -188,12 +189,12 @@ def write_trained_demo(out_dir) -> bool:
     def complete() -> bool:
         try:
             cfg = json.loads((Path(out_dir) / MODEL_CONFIG).read_text())
+            if cfg.get(trained_model.MARKER_KEY) != digest or not all((Path(out_dir) / f).is_file() for f in FILES):
+                return False
+            # the expanded weights are what every run of the demo converts from: a damaged file is rewritten
+            return cfg.get(trained_model.EXPANDED_KEY) == sha256_file(Path(out_dir) / "model.safetensors")
         except (OSError, json.JSONDecodeError):
             return False
-        if cfg.get(trained_model.MARKER_KEY) != digest or not all((Path(out_dir) / f).is_file() for f in FILES):
-            return False
-        # the expanded weights are what every run of the demo converts from: a damaged file is rewritten
-        return cfg.get(trained_model.EXPANDED_KEY) == trained_model.file_digest(Path(out_dir) / "model.safetensors")
 
     return _replace_folder(Path(out_dir), complete, lambda folder: trained_model.write_trained_files(folder, digest))
 

@@ -9,7 +9,6 @@ writes config.json, generation_config.json and the tokenizer files. numpy only.
 """
 from __future__ import annotations
 
-import hashlib
 from pathlib import Path
 
 import numpy as np
@@ -18,6 +17,7 @@ from pipeline.checkpoint.safetensors_io import CheckpointWeights, save_safetenso
 from pipeline.core.atomic import write_json, write_text
 from pipeline.core.errors import StagepipeError
 from pipeline.core.layout import GENERATION_CONFIG, MODEL_CONFIG
+from pipeline.core.tensors import sha256_file
 from pipeline.demo.tokenizer_files import QWEN3_ADDED_TOKENS, write_qwen3_tokenizer
 
 WEIGHTS_DIR = Path(__file__).parent / "trained"
@@ -57,14 +57,7 @@ def save_compact(out_dir, state: dict[str, np.ndarray], token_ids: np.ndarray):
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {TOKEN_IDS: np.asarray(token_ids, dtype=np.int32), **state}
     save_safetensors(out_dir / WEIGHTS_FILE, tensors, bf16=True, metadata={"format": "pt", "vocab_size": str(VOCAB)})
-    write_text(out_dir / DIGEST_FILE, hashlib.sha256((out_dir / WEIGHTS_FILE).read_bytes()).hexdigest() + "\n")
-
-
-def file_digest(path: Path) -> str | None:
-    try:
-        return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-    except OSError:
-        return None
+    write_text(out_dir / DIGEST_FILE, sha256_file(out_dir / WEIGHTS_FILE) + "\n")
 
 
 def weights_digest(weights_dir=WEIGHTS_DIR) -> str:
@@ -72,7 +65,7 @@ def weights_digest(weights_dir=WEIGHTS_DIR) -> str:
     path = Path(weights_dir) / WEIGHTS_FILE
     restore = "restore it with `git checkout pipeline/demo/trained` or retrain: python -m benchmarks.train_demo"
     try:
-        digest = hashlib.sha256(path.read_bytes()).hexdigest()
+        digest = sha256_file(path)
         expected = (Path(weights_dir) / DIGEST_FILE).read_text().strip()
     except OSError as e:
         raise StagepipeError(f"{e.filename}: cannot read the trained demo weights ({e.strerror}); {restore}") from None
@@ -101,4 +94,4 @@ def write_trained_files(folder: Path, digest: str, weights_dir=WEIGHTS_DIR):
     save_safetensors(folder / "model.safetensors", expanded_weights(weights_dir), bf16=True)
     write_json(folder / GENERATION_CONFIG, generation_config())
     write_json(folder / MODEL_CONFIG, {**model_config(), MARKER_KEY: digest,
-                                       EXPANDED_KEY: file_digest(folder / "model.safetensors")})
+                                       EXPANDED_KEY: sha256_file(folder / "model.safetensors")})

@@ -70,7 +70,7 @@ class TurnPlan:
 
     def step_sizes(self) -> list[tuple[int, int]]:
         """(past_len, q_len) of every planned step, in order."""
-        return [(self.turn_of(s).past_len_at(s), len(self.turn_of(s).chunk(s) or [1])) for s in range(self.n_steps)]
+        return [(t.past_len_at(s), len(t.chunk(s) or [1])) for t in self.turns for s in t.steps()]
 
 
 def plan_turns(settings: RunSettings, max_input_len: int, max_cache_len: int) -> TurnPlan:
